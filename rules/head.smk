@@ -1,0 +1,33 @@
+# The classifier head, trained on cached features. On CPU by design: it takes seconds,
+# gives the same numbers everywhere, and never waits in a GPU queue.
+
+
+rule train_head:
+    input:
+        unpack(head_inputs),
+    output:
+        model=stage_file("{experiment}", "head", "model.pt"),
+        history=stage_file("{experiment}", "head", "history.tsv"),
+    log:
+        "logs/train_head/{experiment}.log",
+    benchmark:
+        "benchmarks/train_head/{experiment}.tsv"
+    conda:
+        CONDA_ENV
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=15,
+    params:
+        epochs=lambda w: exp_config(w)["head"]["epochs"],
+        lr=lambda w: exp_config(w)["head"]["lr"],
+        batch_size=lambda w: exp_config(w)["head"]["batch_size"],
+        dropout=lambda w: exp_config(w)["head"]["dropout"],
+        seed=lambda w: exp_config(w)["seed"],
+        resume=lambda w: resume_path(w, "head"),
+    shell:
+        "train_head.py --train-features {input.train:q}"
+        " --val-features {input.val:q} --epochs {params.epochs} --lr {params.lr}"
+        " --batch-size {params.batch_size} --dropout {params.dropout} --seed {params.seed}"
+        " --resume {params.resume:q} --device cpu --output {output.model:q}"
+        " --history {output.history:q} > {log:q} 2>&1"

@@ -1,0 +1,47 @@
+#!/usr/bin/env python3
+"""Evaluate one stage's model: metrics, predictions and confusion counts per split.
+
+Usage: python workflow_scripts/evaluate.py --checkpoint results/baseline/finetune/model.pt \
+    --manifest results/data/manifest.tsv --data-root data/catsVsDogs --splits val test \
+    --metrics results/baseline/eval/finetune/metrics.tsv \
+    --predictions results/baseline/eval/finetune/predictions.tsv \
+    --confusion results/baseline/eval/finetune/confusion.tsv
+"""
+
+import argparse
+
+from transfer_learning import cli, data, stages
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--splits", nargs="+", required=True)
+    parser.add_argument("--weights-file", type=cli.optional, default=None)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=cli.threads_default())
+    parser.add_argument("--max-workers", type=int, default=8)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--predictions", required=True)
+    parser.add_argument("--confusion", required=True)
+    args = parser.parse_args()
+    stages.evaluate(
+        checkpoint=args.checkpoint,
+        manifest=args.manifest,
+        data_root=args.data_root,
+        splits=args.splits,
+        metrics_out=args.metrics,
+        predictions_out=args.predictions,
+        confusion_out=args.confusion,
+        weights_file=args.weights_file,
+        batch_size=args.batch_size,
+        workers=data.loader_workers(args.threads, args.max_workers),
+        device=args.device,
+    )
+
+
+if __name__ == "__main__":
+    cli.run("evaluate", main)

@@ -1,0 +1,166 @@
+"""Images as the verified manifest lists them: loading, transforms, datasets, loaders.
+
+Later stages never walk folders again; they read `manifest.tsv`, so they see exactly the
+files that `verify_dataset` checked, in a stable order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from .io import read_tsv
+
+MANIFEST_COLUMNS = ["split", "class", "path", "bytes", "width", "height", "sha256"]
+
+
+@dataclass(frozen=True)
+class Record:
+    split: str
+    label_name: str
+    path: str  # relative to the data root
+
+
+def read_manifest(path: str | os.PathLike) -> list[Record]:
+    rows = read_tsv(path)
+    return [Record(r["split"], r["class"], r["path"]) for r in rows]
+
+
+def class_names(records: Sequence[Record]) -> list[str]:
+    """Classes sort alphabetically, so label indices match torchvision's ImageFolder."""
+    return sorted({r.label_name for r in records})
+
+
+def split_records(records: Sequence[Record], split: str) -> list[Record]:
+    chosen = sorted((r for r in records if r.split == split), key=lambda r: r.path)
+    if not chosen:
+        raise ValueError(f"split '{split}' has no images in the manifest")
+    return chosen
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode any PIL-readable image upright (EXIF orientation) as 8-bit RGB."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("RGBA", "LA", "P", "PA"):
+            # Transparent pixels become white rather than whatever colour they hide.
+            rgba = image.convert("RGBA")
+            canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(canvas, rgba).convert("RGB")
+        return image.convert("RGB")
+
+
+def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]):
+    # A plain resize keeps the whole image in view, as the course did; no centre crop.
+    return T.Compose(
+        [
+            T.Resize((image_size, image_size), antialias=True),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]):
+    return T.Compose(
+        [
+            T.RandomResizedCrop(image_size, scale=(0.7, 1.0), antialias=True),
+            T.RandomHorizontalFlip(),
+            T.RandomAffine(degrees=10, translate=(0.05, 0.05), shear=8),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+class ImageDataset(Dataset):
+    """Manifest records as (image tensor, label) pairs.
+
+    Each image appears `views` times. View 0 is the plain image unless `augment_all`; every
+    other view is augmented. Augmentation is seeded per (seed, epoch, view, index), so it is
+    the same whatever the number of loader workers and survives a resume mid-training.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        records: Sequence[Record],
+        classes: Sequence[str],
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        views: int = 1,
+        augment_all: bool = False,
+        seed: int = 0,
+    ):
+        self.root = Path(root)
+        self.records = list(records)
+        index = {name: i for i, name in enumerate(classes)}
+        unknown = sorted({r.label_name for r in self.records} - set(index))
+        if unknown:
+            raise ValueError(f"classes {unknown} are not among the model's classes {list(classes)}")
+        self.labels = [index[r.label_name] for r in self.records]
+        self.views = views
+        self.augment_all = augment_all
+        self.seed = seed
+        self.epoch = 0
+        self.plain = eval_transform(image_size, mean, std)
+        self.augmented = train_transform(image_size, mean, std)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records) * self.views
+
+    def __getitem__(self, item: int):
+        view, index = divmod(item, len(self.records))
+        record = self.records[index]
+        path = self.root / record.path
+        try:
+            image = load_rgb(path)
+        except Exception as error:  # name the file: a bare PIL error says nothing useful
+            raise RuntimeError(f"cannot read image {path}: {error}") from error
+        if view == 0 and not self.augment_all:
+            tensor = self.plain(image)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(hash((self.seed, self.epoch, view, index)) & 0x7FFFFFFF)
+                tensor = self.augmented(image)
+        return tensor, self.labels[index]
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A loader whose order depends only on (seed, epoch), for exact resumes."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch) if shuffle else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=False,
+    )
+
+
+def loader_workers(threads: int, cap: int = 8) -> int:
+    """Loader processes from the job's CPUs: one core stays with the main process."""
+    return max(0, min(cap, threads - 1))

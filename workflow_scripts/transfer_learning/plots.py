@@ -1,0 +1,664 @@
+"""Figures and tables of a run: learning curves, confusion matrix, ROC, mistakes, comparison.
+
+Every function takes rows as `io.read_tsv` returns them (dicts of strings; numbers work
+too) or the TSV's path, writes one PNG (or HTML table) atomically and returns its path.
+Figures are built on matplotlib's Agg canvas directly, never through pyplot, so nothing
+needs a display and no figure outlives its function.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+import textwrap
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator, PercentFormatter
+from PIL import Image
+
+from . import metrics
+from .io import atomic_path, read_tsv
+
+DPI = 120
+TRAIN_COLOR, VAL_COLOR = "tab:blue", "tab:orange"
+STAGE_COLORS = {"head": "#9ecae1", "finetune": "#2171b5"}
+STAGE_NAMES = {"head": "head", "finetune": "fine-tune"}
+MISTAKE_COLOR = "#c0392b"
+
+Rows = Sequence[Mapping] | str | os.PathLike
+
+
+# ---- helpers -----------------------------------------------------------------------------
+
+
+def _rows(rows: Rows | None) -> list[Mapping]:
+    """Rows as given, or read from a TSV path; None stands for no rows."""
+    if rows is None:
+        return []
+    if isinstance(rows, (str, os.PathLike)):
+        return read_tsv(rows)
+    return list(rows)
+
+
+def _float(value) -> float:
+    """A cell as a float; empty cells and None become NaN."""
+    if value is None or value == "":
+        return math.nan
+    return float(value)
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, out: str | os.PathLike) -> Path:
+    """Write the figure as PNG under a temporary name, then rename it onto `out`."""
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    return Path(out)
+
+
+def _short(text: str, width: int = 24) -> str:
+    return textwrap.shorten(str(text), width=width, placeholder="…")
+
+
+def _split_rows(rows: Iterable[Mapping], split: str) -> list[Mapping]:
+    return [r for r in rows if r.get("split") == split]
+
+
+def probability_classes(rows: Sequence[Mapping]) -> list[str]:
+    """Class names in model order, from the p_<class> columns of predictions.tsv."""
+    if not rows:
+        return []
+    return [c[2:] for c in rows[0] if c.startswith("p_")]
+
+
+def _title(*parts: str | None) -> str:
+    return " — ".join(p for p in parts if p)
+
+
+# ---- learning curves ---------------------------------------------------------------------
+
+
+def best_epoch_by_val_loss(history: Sequence[Mapping]) -> int | None:
+    """The epoch with the lowest validation loss (the first one on ties)."""
+    best = None
+    for row in history:
+        loss = _float(row["val_loss"])
+        if not math.isnan(loss) and (best is None or loss < best[1]):
+            best = (int(row["epoch"]), loss)
+    return None if best is None else best[0]
+
+
+def join_histories(head_history: Rows, finetune_history: Rows | None) -> list[dict]:
+    """Both stages on one epoch axis: fine-tune epoch k becomes (last head epoch) + k.
+
+    Each row keeps its stage, its own epoch and gets `global_epoch`; values become floats.
+    """
+    joined, offset = [], 0
+    for stage, history in (("head", head_history), ("finetune", finetune_history)):
+        last = offset
+        for row in _rows(history):
+            epoch = int(row["epoch"])
+            joined.append(
+                {
+                    "stage": stage,
+                    "epoch": epoch,
+                    "global_epoch": offset + epoch,
+                    **{
+                        k: _float(row.get(k))
+                        for k in (
+                            "train_loss",
+                            "train_acc",
+                            "val_loss",
+                            "val_acc",
+                            "lr",
+                        )
+                    },
+                }
+            )
+            last = max(last, offset + epoch)
+        offset = last
+    return joined
+
+
+def learning_curves(
+    head_history: Rows,
+    finetune_history: Rows | None,
+    out: str | os.PathLike,
+    best_epochs: Mapping[str, int | None] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Loss and accuracy, train vs val, head then fine-tune on one epoch axis.
+
+    `best_epochs` maps stage -> the epoch whose weights the stage kept (the checkpoint's
+    best_epoch); a stage missing from it gets the epoch with the lowest validation loss.
+    """
+    rows = join_histories(head_history, finetune_history)
+    best_epochs = dict(best_epochs or {})
+    stages = [s for s in ("head", "finetune") if any(r["stage"] == s for r in rows)]
+    fig = _figure(12, 4.6)
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    head_end = max((r["global_epoch"] for r in rows if r["stage"] == "head"), default=0)
+
+    for ax, key, label in (
+        (loss_ax, "loss", "loss (cross-entropy)"),
+        (acc_ax, "acc", "accuracy"),
+    ):
+        for stage in stages:
+            part = [r for r in rows if r["stage"] == stage]
+            x = [r["global_epoch"] for r in part]
+            # Each stage is its own line: fine-tuning starts from the head's best weights,
+            # not its last ones, so joining the stages with a segment would mislead.
+            ax.plot(x, [r[f"train_{key}"] for r in part], "-o", ms=3, color=TRAIN_COLOR)
+            ax.plot(x, [r[f"val_{key}"] for r in part], "--o", ms=3, color=VAL_COLOR)
+            best = best_epochs.get(stage) or best_epoch_by_val_loss(part)
+            marked = [r for r in part if r["epoch"] == best]
+            if marked:
+                ax.plot(
+                    marked[0]["global_epoch"],
+                    marked[0][f"val_{key}"],
+                    "*",
+                    ms=16,
+                    color=VAL_COLOR,
+                    markeredgecolor="black",
+                    zorder=5,
+                )
+        if "finetune" in stages and head_end:
+            last = max(r["global_epoch"] for r in rows)
+            ax.axvspan(head_end + 0.5, last + 0.5, color="0.92", zorder=0)
+            ax.axvline(head_end + 0.5, color="0.4", ls=":", lw=1.2)
+        if "finetune" in stages and head_end:
+            # Stage names on either side of the boundary, where they never collide.
+            for x, text, align in (
+                (head_end + 0.3, "head ", "right"),
+                (head_end + 0.7, " fine-tune", "left"),
+            ):
+                ax.text(
+                    x,
+                    0.985,
+                    text,
+                    transform=ax.get_xaxis_transform(),
+                    ha=align,
+                    va="top",
+                    fontsize=9,
+                    color="0.3",
+                )
+        ax.set_xlabel("epoch (fine-tune epochs continue after the head's)")
+        ax.set_ylabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if rows:
+            ax.set_xlim(0.5, max(r["global_epoch"] for r in rows) + 0.5)
+    loss_ax.set_title("Loss (lower is better)")
+    acc_ax.set_title("Accuracy (higher is better)")
+    acc_ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    acc_ax.set_ylim(0, 1.12)
+    top = max((max(r["train_loss"], r["val_loss"]) for r in rows), default=1.0)
+    loss_ax.set_ylim(0, top * 1.15 if math.isfinite(top) and top > 0 else 1.0)
+    handles = [
+        Line2D([], [], color=TRAIN_COLOR, marker="o", ms=3, label="train"),
+        Line2D([], [], color=VAL_COLOR, ls="--", marker="o", ms=3, label="validation"),
+        Line2D(
+            [],
+            [],
+            color=VAL_COLOR,
+            marker="*",
+            ms=12,
+            ls="",
+            markeredgecolor="black",
+            label="best epoch of the stage (weights kept)",
+        ),
+    ]
+    if "finetune" in stages:
+        handles.append(Patch(color="0.92", label="fine-tune stage"))
+    fig.legend(
+        handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9
+    )
+    fig.suptitle(_title("Learning curves", title), fontsize=13)
+    if not rows:
+        loss_ax.text(
+            0.5, 0.5, "no epochs recorded", ha="center", transform=loss_ax.transAxes
+        )
+    return _save(fig, out)
+
+
+# ---- confusion matrix --------------------------------------------------------------------
+
+
+def confusion_counts(
+    rows: Rows, split: str, classes: Sequence[str] | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """Counts (rows true, columns predicted) of one split from confusion.tsv rows."""
+    rows = _split_rows(_rows(rows), split)
+    if classes is None:
+        classes = list(
+            dict.fromkeys(c for r in rows for c in (r["true"], r["predicted"]))
+        )
+    index = {name: i for i, name in enumerate(classes)}
+    matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    for r in rows:
+        matrix[index[r["true"]], index[r["predicted"]]] += int(float(r["count"]))
+    return matrix, list(classes)
+
+
+def confusion_matrix(
+    confusion_rows: Rows,
+    split: str,
+    classes: Sequence[str] | None,
+    out: str | os.PathLike,
+    title: str | None = None,
+) -> Path:
+    """Heatmap of counts, true class down, predicted class across, each cell annotated."""
+    matrix, classes = confusion_counts(confusion_rows, split, classes)
+    k = len(classes)
+    side = min(max(4.8, 0.55 * k + 2.8), 22)
+    fig = _figure(side + 1.0, side)
+    ax = fig.subplots()
+    image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=max(1, matrix.max()))
+    totals = matrix.sum(axis=1, keepdims=True)
+    share = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
+    fontsize = 12 if k <= 4 else 9 if k <= 10 else 6
+    for i in range(k):
+        for j in range(k):
+            text = f"{matrix[i, j]}"
+            if k <= 10:
+                text += f"\n({share[i, j]:.0%})"
+            dark = matrix[i, j] > 0.55 * matrix.max()
+            ax.text(
+                j,
+                i,
+                text,
+                ha="center",
+                va="center",
+                fontsize=fontsize,
+                color="white" if dark else "black",
+                fontweight="bold" if i == j else "normal",
+            )
+    names = [_short(c, 20) for c in classes]
+    ax.set_xticks(
+        range(k),
+        names,
+        rotation=0 if k <= 4 else 45,
+        ha="center" if k <= 4 else "right",
+    )
+    ax.set_yticks(range(k), names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    n, correct = int(matrix.sum()), int(np.trace(matrix))
+    accuracy = f"accuracy {correct / n:.1%} ({correct}/{n})" if n else "no images"
+    ax.set_title(
+        f"{_title('Confusion matrix', title)}\n{split} split: {accuracy}", fontsize=11
+    )
+    fig.colorbar(image, ax=ax, shrink=0.8, label="images")
+    return _save(fig, out)
+
+
+# ---- ROC ---------------------------------------------------------------------------------
+
+
+def roc_curve(
+    prediction_rows: Rows,
+    out: str | os.PathLike,
+    split: str = "test",
+    title: str | None = None,
+) -> Path:
+    """ROC of the predicted probabilities; one-vs-rest curves for three or more classes.
+
+    With two classes the second class (the model's class 1, as in metrics.tsv's roc_auc)
+    is the positive one. The dot is where the model's own decision (the most probable
+    class) lies on the curve.
+    """
+    rows = _split_rows(_rows(prediction_rows), split)
+    classes = probability_classes(rows)
+    fig = _figure(6.2, 6.0)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], ls=":", color="0.5", label="chance (AUC = 0.5)")
+    true = np.array([r["true"] for r in rows])
+    predicted = np.array([r["predicted"] for r in rows])
+    positives = classes[1:] if len(classes) == 2 else classes
+    colors = [f"C{i % 10}" for i in range(len(positives))]
+    aucs = []
+    for name, color in zip(positives, colors):
+        is_positive = (true == name).astype(np.int64)
+        score = np.array([_float(r[f"p_{name}"]) for r in rows])
+        auc = metrics.roc_auc(is_positive, score) if len(rows) else math.nan
+        aucs.append(auc)
+        fpr, tpr = (
+            metrics.roc_curve(is_positive, score) if len(rows) else ([0, 1], [0, 1])
+        )
+        auc_text = "n/a" if math.isnan(auc) else f"{auc:.3f}"
+        label = (
+            f"positive class {_short(name)} (AUC = {auc_text})"
+            if len(classes) == 2
+            else f"{_short(name)} vs rest (AUC = {auc_text})"
+        )
+        ax.plot(fpr, tpr, color=color, lw=2 if len(positives) <= 10 else 1, label=label)
+        if len(rows) and is_positive.any() and (1 - is_positive).any():
+            decided = predicted == name
+            ax.plot(
+                decided[is_positive == 0].mean(),
+                decided[is_positive == 1].mean(),
+                "o",
+                color=color,
+                ms=7,
+                markeredgecolor="black",
+            )
+    ax.plot(
+        [], [], "o", color="white", markeredgecolor="black", label="model's decision"
+    )
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    ax.set_xlabel("false positive rate (1 − specificity)")
+    ax.set_ylabel("true positive rate (sensitivity, recall)")
+    valid = [a for a in aucs if not math.isnan(a)]
+    if len(classes) == 2:
+        summary = f"AUC {aucs[0]:.3f}" if valid else "AUC n/a"
+    else:
+        summary = f"one-vs-rest, mean AUC {np.mean(valid):.3f}" if valid else "AUC n/a"
+    ax.set_title(
+        f"{_title('ROC curve', title)}\n{split} split, n = {len(rows)}: {summary}"
+    )
+    ax.legend(loc="lower right", fontsize=9 if len(positives) <= 10 else 6)
+    return _save(fig, out)
+
+
+# ---- mistakes ----------------------------------------------------------------------------
+
+
+def worst_mistakes(
+    prediction_rows: Rows, split: str = "test", n: int = 16
+) -> list[Mapping]:
+    """Wrong predictions of a split, the most confident first."""
+    rows = _split_rows(_rows(prediction_rows), split)
+    wrong = [r for r in rows if r["true"] != r["predicted"]]
+    return sorted(wrong, key=lambda r: -_float(r["probability"]))[:n]
+
+
+def _thumbnail(path: Path, size: int = 256) -> np.ndarray | None:
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            image.thumbnail((size, size))
+            return np.asarray(image)
+    except (OSError, ValueError):
+        return None
+
+
+def mistakes_gallery(
+    prediction_rows: Rows,
+    data_root: str | os.PathLike,
+    out: str | os.PathLike,
+    n: int = 16,
+    split: str = "test",
+    title: str | None = None,
+) -> Path:
+    """The `n` most confident wrong predictions, each image with its true and predicted class."""
+    rows = _split_rows(_rows(prediction_rows), split)
+    total_wrong = sum(r["true"] != r["predicted"] for r in rows)
+    shown = worst_mistakes(rows, split, n)
+    if not shown:
+        fig = _figure(7, 2.4)
+        message = (
+            f"No mistakes: all {len(rows)} {split} images were classified correctly."
+            if rows
+            else f"No predictions for the {split} split."
+        )
+        fig.text(0.5, 0.45, message, ha="center", va="center", fontsize=13)
+        fig.suptitle(_title(f"Most confident mistakes on {split}", title), fontsize=13)
+        return _save(fig, out)
+    cols = min(4, len(shown))
+    rows_n = math.ceil(len(shown) / cols)
+    fig = _figure(3.0 * cols + 0.4, 3.3 * rows_n + 0.7)
+    axes = np.atleast_1d(fig.subplots(rows_n, cols, squeeze=False)).ravel()
+    for ax, row in zip(axes, shown):
+        pixels = _thumbnail(Path(data_root) / row["path"])
+        if pixels is None:
+            ax.text(0.5, 0.5, "image not found", ha="center", va="center", color="0.4")
+        else:
+            ax.imshow(pixels)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_edgecolor(MISTAKE_COLOR)
+            spine.set_linewidth(2)
+        ax.set_title(
+            f"true: {_short(row['true'])}\n"
+            f"predicted: {_short(row['predicted'])} ({_float(row['probability']):.0%})",
+            fontsize=10,
+            color=MISTAKE_COLOR,
+        )
+        ax.set_xlabel(_short(Path(row["path"]).name, 34), fontsize=8, color="0.35")
+    for ax in axes[len(shown) :]:
+        ax.set_axis_off()
+    fig.suptitle(
+        f"{_title(f'Most confident mistakes on {split}', title)}\n"
+        f"{total_wrong} of {len(rows)} images wrong, the {len(shown)} with the highest "
+        "predicted probability shown",
+        fontsize=12,
+    )
+    return _save(fig, out)
+
+
+# ---- experiments compared ----------------------------------------------------------------
+
+SUMMARY_FIXED = {
+    "experiment",
+    "stage",
+    "test_accuracy",
+    "test_macro_f1",
+    "test_roc_auc",
+    "test_loss",
+    "epochs_run",
+    "best_epoch",
+    "train_seconds",
+    "best",
+}
+
+
+def _metric_label(metric: str) -> str:
+    text = metric.removeprefix("test_").replace("_", " ")
+    text = text.replace("macro f1", "macro F1").replace("roc auc", "ROC AUC")
+    return f"test {text}" if metric.startswith("test_") else text
+
+
+def _experiment_label(row: Mapping) -> str:
+    """The experiment's name, with its overrides (summary columns like finetune.lr) below."""
+    overrides = [
+        f"{k}={row[k]}"
+        for k in row
+        if k not in SUMMARY_FIXED and row[k] not in (None, "")
+    ]
+    label = str(row["experiment"])
+    if overrides:
+        label += "\n" + _short(", ".join(overrides), 40)
+    return label
+
+
+def compare_experiments(
+    summary_rows: Rows,
+    out: str | os.PathLike,
+    metric: str | Sequence[str] = ("test_accuracy", "test_macro_f1"),
+    title: str | None = None,
+) -> Path:
+    """Horizontal bars per experiment, head and fine-tune side by side, one panel per metric.
+
+    The row summary.tsv marks best gets a black outline and a star.
+    """
+    rows = _rows(summary_rows)
+    metric_list = [metric] if isinstance(metric, str) else list(metric)
+    experiments = list(dict.fromkeys(r["experiment"] for r in rows))
+    by_key = {(r["experiment"], r["stage"]): r for r in rows}
+    stages = [s for s in ("head", "finetune") if any(r["stage"] == s for r in rows)]
+    stages += sorted({r["stage"] for r in rows} - set(stages))
+    height = 1.9 + max(1, len(experiments)) * (0.35 + 0.3 * len(stages))
+    fig = _figure(5.2 * len(metric_list) + 2.2, height)
+    axes = np.atleast_1d(
+        fig.subplots(1, len(metric_list), sharey=True, squeeze=False)
+    ).ravel()
+    bar = 0.8 / max(1, len(stages))
+    y = np.arange(len(experiments))
+    for ax, name in zip(axes, metric_list):
+        values = [_float(r.get(name)) for r in rows]
+        top = max([v for v in values if not math.isnan(v)] + [1.0])
+        share = (
+            name != "test_loss" and top <= 1.0
+        )  # accuracy, F1, AUC: shown as percent
+        for s, stage in enumerate(stages):
+            offset = (s - (len(stages) - 1) / 2) * bar
+            for e, experiment in enumerate(experiments):
+                row = by_key.get((experiment, stage))
+                if row is None:
+                    continue
+                value = _float(row.get(name))
+                best = str(row.get("best", "")).lower() in ("yes", "true", "1")
+                ypos = e + offset
+                if math.isnan(value):
+                    ax.text(
+                        0.01 * top, ypos, "n/a", va="center", fontsize=8, color="0.4"
+                    )
+                    continue
+                ax.barh(
+                    ypos,
+                    value,
+                    height=bar * 0.92,
+                    color=STAGE_COLORS.get(stage, f"C{s + 2}"),
+                    edgecolor="black" if best else "none",
+                    linewidth=2 if best else 0,
+                )
+                ax.text(
+                    value + 0.01 * top,
+                    ypos,
+                    (f"{value:.1%}" if share else f"{value:.3f}")
+                    + ("  ★ best" if best else ""),
+                    va="center",
+                    fontsize=9,
+                    fontweight="bold" if best else "normal",
+                )
+        ax.set_xlim(0, top * 1.3)
+        ax.set_xlabel(_metric_label(name))
+        ax.set_title(_metric_label(name))
+        ax.grid(axis="x", alpha=0.3)
+        if share:
+            ax.set_xticks(np.linspace(0, 1, 6))
+            ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    labels = [
+        _experiment_label(next(r for r in rows if r["experiment"] == e))
+        for e in experiments
+    ]
+    axes[0].set_yticks(y, labels, fontsize=9)
+    axes[0].set_ylim(len(experiments) - 0.5, -0.5)  # first experiment (the best) on top
+    handles = [
+        Patch(color=STAGE_COLORS.get(s, f"C{i + 2}"), label=STAGE_NAMES.get(s, s))
+        for i, s in enumerate(stages)
+    ]
+    handles.append(
+        Patch(facecolor="white", edgecolor="black", linewidth=2, label="★ best run")
+    )
+    fig.legend(
+        handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9
+    )
+    fig.suptitle(_title("Experiments on the test split", title), fontsize=13)
+    if not rows:
+        axes[0].text(
+            0.5, 0.5, "no runs in the summary", ha="center", transform=axes[0].transAxes
+        )
+    return _save(fig, out)
+
+
+# ---- tables for the report -----------------------------------------------------------------
+
+_TABLE_STYLE = """
+body { font-family: sans-serif; margin: 1em; }
+table { border-collapse: collapse; font-size: 14px; }
+th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
+th { background: #f0f0f0; }
+td:first-child, th:first-child { text-align: left; }
+tr.best td { font-weight: bold; background: #fff6d5; }
+caption { text-align: left; font-weight: bold; margin-bottom: 0.5em; }
+"""
+
+
+def _cell(value) -> str:
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        if value.strip().lstrip("-").isdigit():
+            return value
+        value = number
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def html_table(
+    header: Sequence[str],
+    body: Sequence[Sequence],
+    out: str | os.PathLike,
+    title: str,
+    highlight: Sequence[bool] | None = None,
+    note: str = "",
+) -> Path:
+    """A standalone HTML page with one table; highlighted rows are bold on yellow."""
+    highlight = list(highlight or [False] * len(body))
+    lines = [
+        "<!DOCTYPE html>",
+        '<html><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{_TABLE_STYLE}</style></head><body>",
+        f"<table><caption>{html.escape(title)}</caption>",
+        "<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>",
+    ]
+    for row, marked in zip(body, highlight):
+        cells = "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row)
+        lines.append(
+            f'<tr class="best">{cells}</tr>' if marked else f"<tr>{cells}</tr>"
+        )
+    lines.append("</table>")
+    if note:
+        lines.append(f"<p>{html.escape(note)}</p>")
+    lines.append("</body></html>")
+    with atomic_path(out) as tmp:
+        Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return Path(out)
+
+
+def metrics_table(
+    stage_metrics: Mapping[str, Rows], out: str | os.PathLike, title: str = "Metrics"
+) -> Path:
+    """Metrics of each stage and split side by side: one row per metric, one column per run."""
+    columns, values = [], {}
+    for stage, rows in stage_metrics.items():
+        for row in _rows(rows):
+            column = f"{STAGE_NAMES.get(stage, stage)}, {row['split']}"
+            columns.append(column)
+            for key, value in row.items():
+                if key != "split":
+                    values.setdefault(key, {})[column] = value
+    body = [
+        [key, *(cells.get(c, "") for c in columns)] for key, cells in values.items()
+    ]
+    return html_table(["metric", *columns], body, out, title)
+
+
+def summary_table(
+    summary_rows: Rows, out: str | os.PathLike, title: str = "Summary"
+) -> Path:
+    """results/summary.tsv as a table, its best run highlighted."""
+    rows = _rows(summary_rows)
+    header = list(dict.fromkeys(c for r in rows for c in r))
+    body = [[r.get(c, "") for c in header] for r in rows]
+    best = [str(r.get("best", "")).lower() in ("yes", "true", "1") for r in rows]
+    return html_table(header, body, out, title, best)

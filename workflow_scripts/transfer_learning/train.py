@@ -1,0 +1,330 @@
+"""The one training loop that both the head and the fine-tuning stage run.
+
+Every epoch ends with a resume checkpoint written atomically; randomness is reseeded from
+(seed, epoch) at the start of each epoch, so a run resumed after a Slurm time limit or a
+preemption ends with the same history and weights as one that never stopped (on CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import models
+from .io import load_checkpoint, save_checkpoint
+
+log = logging.getLogger("transfer_learning")
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+
+
+class TrainingInterrupted(Exception):
+    """Slurm asked the job to stop (time limit ahead, preemption); state is saved."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class StopSignals:
+    """Turns SIGTERM/SIGUSR1 into a flag that the loop checks between batches."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame):
+        log.warning("received %s: stopping after this batch", signal.Signals(signum).name)
+        self.received = signum
+
+    def check(self) -> None:
+        if self.received is not None:
+            raise TrainingInterrupted(self.received)
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when val loss has not improved by min_delta for `patience` epochs."""
+
+    patience: int | None = None
+    min_delta: float = 0.0
+    best: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+
+    def step(self, val_loss: float, epoch: int) -> bool:
+        """Record an epoch; True when it is the new best."""
+        if val_loss < self.best - self.min_delta:
+            self.best, self.best_epoch, self.bad_epochs = val_loss, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch, self.bad_epochs = (
+            state["best"],
+            state["best_epoch"],
+            state["bad_epochs"],
+        )
+
+
+@dataclass
+class FitResult:
+    history: list[dict]
+    best_state: dict
+    best_epoch: int
+    best_val_loss: float
+    seconds: float
+    resumed_from: int = 0
+    stopped_early: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def pick_device(prefer: str = "auto") -> torch.device:
+    if prefer == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(prefer)
+
+
+def _to_device(inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
+    inputs = inputs.to(device, non_blocking=True)
+    if inputs.dim() == 4:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    return inputs
+
+
+def correct_predictions(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> int:
+    if num_classes == 2:
+        predicted = (logits.squeeze(1) > 0).long()
+    else:
+        predicted = logits.argmax(1)
+    return int((predicted == labels).sum())
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    num_classes: int,
+    device: torch.device,
+    *,
+    frozen: Sequence[nn.Module] = (),
+    scaler: torch.amp.GradScaler | None = None,
+    amp: bool = False,
+    stop: StopSignals | None = None,
+) -> tuple[float, float]:
+    models.train_mode(model, frozen)
+    total_loss, correct, seen = 0.0, 0, 0
+    for inputs, labels in loader:
+        inputs, labels = _to_device(inputs, device), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            logits = model(inputs)
+            loss = loss_fn(
+                models.logits_for_loss(logits, num_classes).float(),
+                models.loss_targets(labels, num_classes),
+            )
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        n = labels.shape[0]
+        total_loss += float(loss.detach()) * n
+        correct += correct_predictions(logits.detach(), labels, num_classes)
+        seen += n
+        if stop is not None:
+            stop.check()
+    return total_loss / seen, correct / seen
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module, loader, device: torch.device, *, amp: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of a whole loader, in loader order, on the CPU."""
+    model.eval()
+    all_logits, all_labels = [], []
+    for inputs, labels in loader:
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            logits = model(_to_device(inputs, device))
+        all_logits.append(logits.float().cpu())
+        all_labels.append(labels)
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def evaluate(
+    model: nn.Module, loader, loss_fn: nn.Module, num_classes: int, device, *, amp=False
+) -> tuple[float, float]:
+    logits, labels = predict(model, loader, device, amp=amp)
+    loss = loss_fn(
+        models.logits_for_loss(logits, num_classes), models.loss_targets(labels, num_classes)
+    )
+    return float(loss), correct_predictions(logits, labels, num_classes) / len(labels)
+
+
+def fit(
+    model: nn.Module,
+    train_loader_for: Callable[[int], object],
+    val_loader,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    *,
+    num_classes: int,
+    epochs: int,
+    seed: int,
+    device: torch.device,
+    early_stopping: EarlyStopping,
+    resume_path: str | Path | None = None,
+    settings_hash: str = "",
+    frozen: Sequence[nn.Module] = (),
+    amp: bool = False,
+    stage: str = "train",
+) -> FitResult:
+    """Train for up to `epochs`, keep the weights of the lowest val loss, resume if saved.
+
+    `train_loader_for(epoch)` returns that epoch's loader (its order and augmentation depend
+    on the epoch alone). The resume file holds model, optimizer, scheduler, grad scaler,
+    early-stopping state, best weights and history; it is only used when its settings hash
+    equals `settings_hash`, so a changed config never resumes a stale run.
+    """
+    loss_fn = models.loss_function(num_classes)
+    amp = amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    history: list[dict] = []
+    best_state = copy.deepcopy(model.state_dict())
+    start_epoch, elapsed = 1, 0.0
+
+    if resume_path is not None and Path(resume_path).is_file():
+        state = load_checkpoint(resume_path)
+        if state.get("settings_hash") == settings_hash:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            early_stopping.load_state_dict(state["early_stopping"])
+            best_state, history = state["best_model"], state["history"]
+            start_epoch, elapsed = state["epoch"] + 1, state["seconds"]
+            log.info("%s: resuming after epoch %d from %s", stage, state["epoch"], resume_path)
+        else:
+            log.info("%s: ignoring %s, written for other settings", stage, resume_path)
+    resumed_from = start_epoch - 1
+
+    stopped_early = early_stopping.should_stop
+    with StopSignals() as stop:
+        for epoch in range(start_epoch, epochs + 1):
+            if stopped_early:
+                break
+            started = time.perf_counter()
+            # Reseeding per epoch makes dropout and shuffling a function of the epoch alone.
+            torch.manual_seed(seed * 1_000 + epoch)
+            lr = optimizer.param_groups[0]["lr"]
+            train_loss, train_acc = train_one_epoch(
+                model,
+                train_loader_for(epoch),
+                optimizer,
+                loss_fn,
+                num_classes,
+                device,
+                frozen=frozen,
+                scaler=scaler,
+                amp=amp,
+                stop=stop,
+            )
+            stop.check()
+            val_loss, val_acc = evaluate(model, val_loader, loss_fn, num_classes, device, amp=amp)
+            scheduler.step()
+            seconds = time.perf_counter() - started
+            elapsed += seconds
+            improved = early_stopping.step(val_loss, epoch)
+            if improved:
+                best_state = copy.deepcopy(model.state_dict())
+            history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": train_loss,
+                    "train_acc": train_acc,
+                    "val_loss": val_loss,
+                    "val_acc": val_acc,
+                    "lr": lr,
+                    "seconds": round(seconds, 3),
+                }
+            )
+            log.info(
+                "%s epoch %d/%d train_loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f "
+                "lr %.3g %.1fs%s",
+                stage,
+                epoch,
+                epochs,
+                train_loss,
+                train_acc,
+                val_loss,
+                val_acc,
+                lr,
+                seconds,
+                " best" if improved else "",
+            )
+            stopped_early = early_stopping.should_stop
+            if resume_path is not None:
+                save_checkpoint(
+                    {
+                        "settings_hash": settings_hash,
+                        "epoch": epoch,
+                        "seconds": elapsed,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "early_stopping": early_stopping.state_dict(),
+                        "best_model": best_state,
+                        "history": history,
+                    },
+                    resume_path,
+                )
+            if stopped_early:
+                log.info(
+                    "%s: early stop after epoch %d, best epoch %d (val_loss %.4f)",
+                    stage,
+                    epoch,
+                    early_stopping.best_epoch,
+                    early_stopping.best,
+                )
+    return FitResult(
+        history=history,
+        best_state=best_state,
+        best_epoch=early_stopping.best_epoch,
+        best_val_loss=early_stopping.best,
+        seconds=elapsed,
+        resumed_from=resumed_from,
+        stopped_early=stopped_early,
+    )
