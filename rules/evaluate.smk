@@ -5,7 +5,13 @@ rule evaluate:
     input:
         unpack(evaluate_inputs),
     output:
-        metrics="results/{experiment}/eval/{stage}/metrics.tsv",
+        metrics=report(
+            "results/{experiment}/eval/{stage}/metrics.tsv",
+            caption="../report/metrics_tsv.rst",
+            category="{experiment}",
+            subcategory="{stage}",
+            labels={"figure": "metrics (TSV)", "stage": "{stage}"},
+        ),
         predictions="results/{experiment}/eval/{stage}/predictions.tsv",
         confusion="results/{experiment}/eval/{stage}/confusion.tsv",
     log:
@@ -40,7 +46,13 @@ rule summarize:
         [run["metrics"] for run in summary_runs()],
         [run["checkpoint"] for run in summary_runs()],
     output:
-        SUMMARY,
+        report(
+            SUMMARY,
+            caption="../report/summary_tsv.rst",
+            category="All experiments",
+            subcategory="comparison",
+            labels={"figure": "summary (TSV)"},
+        ),
     log:
         "logs/summarize.log",
     benchmark:

@@ -58,10 +58,8 @@ rule plot_experiment:
     resources:
         mem_mb=2000,
         runtime=10,
-    params:
-        script=SCRIPTS / "plot_experiment.py",
     shell:
-        "python {params.script:q} --experiment {wildcards.experiment:q}"
+        "plot_experiment.py --experiment {wildcards.experiment:q}"
         " --head-history {input.head_history:q}"
         " --finetune-history {input.finetune_history:q}"
         " --head-checkpoint {input.head_model:q}"
@@ -109,13 +107,12 @@ rule plot_stage:
         mem_mb=2000,
         runtime=10,
     params:
-        script=SCRIPTS / "plot_stage.py",
         # The images live where the data rules put them; the predictions name them.
         root=DATA_ROOT,
         split=TEST_SPLIT,
         shown=16,
     shell:
-        "python {params.script:q} --experiment {wildcards.experiment:q}"
+        "plot_stage.py --experiment {wildcards.experiment:q}"
         " --stage {wildcards.stage} --predictions {input.predictions:q}"
         " --confusion {input.confusion:q} --data-root {params.root:q}"
         " --split {params.split:q} --mistakes-shown {params.shown}"
@@ -132,12 +129,14 @@ rule plot_summary:
             SUMMARY_PLOT,
             caption="../report/experiments.rst",
             category=REPORT_CATEGORY,
+            subcategory="comparison",
             labels={"figure": "test metrics per experiment"},
         ),
         table=report(
             SUMMARY_TABLE,
             caption="../report/summary_table.rst",
             category=REPORT_CATEGORY,
+            subcategory="comparison",
             labels={"figure": "summary table"},
         ),
     log:
@@ -151,8 +150,7 @@ rule plot_summary:
         mem_mb=2000,
         runtime=10,
     params:
-        script=SCRIPTS / "plot_summary.py",
         metrics=["test_accuracy", "test_macro_f1"],
     shell:
-        "python {params.script:q} --summary {input:q} --metrics {params.metrics}"
+        "plot_summary.py --summary {input:q} --metrics {params.metrics}"
         " --chart {output.chart:q} --table {output.table:q} > {log:q} 2>&1"

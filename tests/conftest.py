@@ -14,7 +14,8 @@ Helpers
     jobs(output)              every job block Snakemake printed (rule, output, wildcards, ...)
 Fixtures
     demo_run    (session) workdir of one full run of config/demo.yaml
-    small_run   (session) workdir of one full run of small_config() on write_images()
+    small_run   (session) workdir of one run of small_config() on write_images(), up to
+                the summary (targets STAGE_OUTPUTS)
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def snakemake(
     output of both streams is merged, in order, into `.stdout`; `.stderr` holds the same
     text, so either attribute works (Snakemake writes nearly everything to stderr).
     `cores=None` leaves --cores out (for --lint, --list-rules, or a profile that sets it).
+    Put targets before `--configfile`, which takes every following word as a file.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -227,15 +229,16 @@ def demo_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory) -> Path:
-    """Workdir of one complete run of small_config() on write_images(SMALL_COUNTS).
+    """Workdir of one run of small_config() on write_images(SMALL_COUNTS) up to summary.tsv.
 
-    The data live inside the workdir (data/images), the overlay at config/small.yaml and
+    Targets are STAGE_OUTPUTS (every stage, not the plots: demo_run covers those). The
+    data live inside the workdir (data/images), the overlay at config/small.yaml and
     Snakemake's output at snakemake_output.txt. Do not modify it: copy_workdir() first.
     """
     workdir = tmp_path_factory.mktemp("small_run")
     write_images(workdir / SMALL_DATA, SMALL_COUNTS, size=48, seed=7)
     config = overlay(workdir / "config" / "small.yaml", small_config())
-    proc = snakemake(workdir, "--configfile", config, timeout=600)
+    proc = snakemake(workdir, *STAGE_OUTPUTS, "--configfile", config, timeout=600)
     (workdir / "snakemake_output.txt").write_text(proc.stdout)
     assert_ok(proc, "small workflow")
     return workdir

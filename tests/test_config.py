@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import (
     REPO,
+    STAGE_OUTPUTS,
     VENV_BIN,
     assert_ok,
     job_stats,
@@ -162,12 +163,12 @@ THREE_CLASSES = ["ants", "bees", "wasps"]
 
 @pytest.fixture(scope="module")
 def three_class(tmp_path_factory):
-    """verify_dataset alone, then the whole workflow, on ants/bees/wasps (same workdir)."""
+    """verify_dataset alone, then every stage up to the summary, on ants/bees/wasps."""
     workdir = tmp_path_factory.mktemp("three_class")
     write_images(workdir / "data" / "insects", THREE, size=48, seed=11)
     config = overlay(workdir / "insects.yaml", small_config("data/insects", THREE))
     verify = snakemake(workdir, "verify_dataset", "--configfile", config, timeout=300)
-    full = snakemake(workdir, "--configfile", config, timeout=600)
+    full = snakemake(workdir, *STAGE_OUTPUTS, "--configfile", config, timeout=600)
     return workdir, verify, full
 
 

@@ -49,9 +49,7 @@ def main() -> None:
     stage_metrics = {"head": args.head_metrics}
     if args.finetune_metrics:
         stage_metrics["finetune"] = args.finetune_metrics
-    plots.metrics_table(
-        stage_metrics, args.metrics_table, f"Metrics of {args.experiment}"
-    )
+    plots.metrics_table(stage_metrics, args.metrics_table, f"Metrics of {args.experiment}")
     logging.getLogger("plot_experiment").info(
         "wrote %s and %s", args.learning_curves, args.metrics_table
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from .io import read_tsv
@@ -85,7 +85,8 @@ class ImageDataset(Dataset):
 
     Each image appears `views` times. View 0 is the plain image unless `augment_all`; every
     other view is augmented. Augmentation is seeded per (seed, epoch, view, index), so it is
-    the same whatever the number of loader workers and survives a resume mid-training.
+    the same whatever the number of loader workers and survives a resume mid-training. The
+    epoch travels in the index (see `EpochSampler`): item `epoch * len(self) + i`.
     """
 
     def __init__(
@@ -111,17 +112,14 @@ class ImageDataset(Dataset):
         self.views = views
         self.augment_all = augment_all
         self.seed = seed
-        self.epoch = 0
         self.plain = eval_transform(image_size, mean, std)
         self.augmented = train_transform(image_size, mean, std)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.records) * self.views
 
     def __getitem__(self, item: int):
+        epoch, item = divmod(item, len(self))
         view, index = divmod(item, len(self.records))
         record = self.records[index]
         path = self.root / record.path
@@ -133,9 +131,37 @@ class ImageDataset(Dataset):
             tensor = self.plain(image)
         else:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(hash((self.seed, self.epoch, view, index)) & 0x7FFFFFFF)
+                torch.manual_seed(hash((self.seed, epoch, view, index)) & 0x7FFFFFFF)
                 tensor = self.augmented(image)
         return tensor, self.labels[index]
+
+
+class EpochSampler(Sampler[int]):
+    """An order that depends on (seed, epoch) alone, for exact resumes.
+
+    With `encode_epoch` the indices carry the epoch (`epoch * n + i`), so loader workers kept
+    alive across epochs (persistent_workers) still augment each epoch differently; rebuilding
+    workers every epoch costs seconds per epoch on a GPU node.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int, encode_epoch: bool):
+        self.n, self.shuffle, self.seed, self.encode_epoch = n, shuffle, seed, encode_epoch
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=generator).tolist()
+        else:
+            order = range(self.n)
+        offset = self.epoch * self.n if self.encode_epoch else 0
+        return iter([offset + i for i in order])
+
+    def __len__(self) -> int:
+        return self.n
 
 
 def make_loader(
@@ -148,16 +174,18 @@ def make_loader(
     workers: int = 0,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """A loader whose order depends only on (seed, epoch), for exact resumes."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch) if shuffle else None
+    """A loader whose order and augmentation follow `loader.sampler.set_epoch(epoch)`."""
+    sampler = EpochSampler(
+        len(dataset), shuffle, seed, encode_epoch=isinstance(dataset, ImageDataset)
+    )
+    sampler.set_epoch(epoch)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
+        sampler=sampler,
         num_workers=workers,
         pin_memory=pin_memory,
-        drop_last=False,
+        persistent_workers=workers > 0,
     )
 
 

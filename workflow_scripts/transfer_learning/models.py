@@ -97,8 +97,10 @@ def load_state_dict_file(path: str | os.PathLike) -> dict:
 
 def load_backbone_weights(model: nn.Module, state: dict, classifier: str, source) -> None:
     """Load a full-model state dict, ignoring classifier keys of any shape."""
-    state = {k: v for k, v in state.items() if not k.startswith(f"{classifier}.")}
-    own = {k: v for k, v in model.state_dict().items()}
+    def backbone_only(tensors: dict) -> dict:
+        return {k: v for k, v in tensors.items() if not k.startswith(f"{classifier}.")}
+
+    state, own = backbone_only(state), backbone_only(model.state_dict())
     missing = sorted(k for k in own if k not in state)
     unexpected = sorted(k for k in state if k not in own)
     wrong_shape = sorted(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import html
 import math
 import os
-import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -31,6 +30,7 @@ TRAIN_COLOR, VAL_COLOR = "tab:blue", "tab:orange"
 STAGE_COLORS = {"head": "#9ecae1", "finetune": "#2171b5"}
 STAGE_NAMES = {"head": "head", "finetune": "fine-tune"}
 MISTAKE_COLOR = "#c0392b"
+HISTORY_VALUES = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
 
 Rows = Sequence[Mapping] | str | os.PathLike
 
@@ -67,8 +67,17 @@ def _save(fig: Figure, out: str | os.PathLike) -> Path:
     return Path(out)
 
 
-def _short(text: str, width: int = 24) -> str:
-    return textwrap.shorten(str(text), width=width, placeholder="…")
+def _short(text, width: int = 24) -> str:
+    """`text` cut to `width` characters in the middle, where an ellipsis marks the cut.
+
+    Class names often share a prefix and have no spaces (textwrap.shorten would drop
+    them whole), so both ends stay.
+    """
+    text = " ".join(str(text).split())
+    if len(text) <= width:
+        return text
+    tail = (width - 1) // 3
+    return f"{text[: width - 1 - tail]}…{text[len(text) - tail :]}"
 
 
 def _split_rows(rows: Iterable[Mapping], split: str) -> list[Mapping]:
@@ -114,16 +123,7 @@ def join_histories(head_history: Rows, finetune_history: Rows | None) -> list[di
                     "stage": stage,
                     "epoch": epoch,
                     "global_epoch": offset + epoch,
-                    **{
-                        k: _float(row.get(k))
-                        for k in (
-                            "train_loss",
-                            "train_acc",
-                            "val_loss",
-                            "val_acc",
-                            "lr",
-                        )
-                    },
+                    **{k: _float(row.get(k)) for k in HISTORY_VALUES},
                 }
             )
             last = max(last, offset + epoch)
@@ -150,10 +150,8 @@ def learning_curves(
     loss_ax, acc_ax = fig.subplots(1, 2)
     head_end = max((r["global_epoch"] for r in rows if r["stage"] == "head"), default=0)
 
-    for ax, key, label in (
-        (loss_ax, "loss", "loss (cross-entropy)"),
-        (acc_ax, "acc", "accuracy"),
-    ):
+    panels = ((loss_ax, "loss", "loss (cross-entropy)"), (acc_ax, "acc", "accuracy"))
+    for ax, key, label in panels:
         for stage in stages:
             part = [r for r in rows if r["stage"] == stage]
             x = [r["global_epoch"] for r in part]
@@ -177,22 +175,15 @@ def learning_curves(
             last = max(r["global_epoch"] for r in rows)
             ax.axvspan(head_end + 0.5, last + 0.5, color="0.92", zorder=0)
             ax.axvline(head_end + 0.5, color="0.4", ls=":", lw=1.2)
-        if "finetune" in stages and head_end:
             # Stage names on either side of the boundary, where they never collide.
             for x, text, align in (
                 (head_end + 0.3, "head ", "right"),
                 (head_end + 0.7, " fine-tune", "left"),
             ):
                 ax.text(
-                    x,
-                    0.985,
-                    text,
-                    transform=ax.get_xaxis_transform(),
-                    ha=align,
-                    va="top",
-                    fontsize=9,
-                    color="0.3",
-                )
+                    x, 0.985, text, transform=ax.get_xaxis_transform(), ha=align, va="top",
+                    fontsize=9, color="0.3",
+                )  # fmt: skip
         ax.set_xlabel("epoch (fine-tune epochs continue after the head's)")
         ax.set_ylabel(label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -221,14 +212,10 @@ def learning_curves(
     ]
     if "finetune" in stages:
         handles.append(Patch(color="0.92", label="fine-tune stage"))
-    fig.legend(
-        handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9
-    )
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9)
     fig.suptitle(_title("Learning curves", title), fontsize=13)
     if not rows:
-        loss_ax.text(
-            0.5, 0.5, "no epochs recorded", ha="center", transform=loss_ax.transAxes
-        )
+        loss_ax.text(0.5, 0.5, "no epochs recorded", ha="center", transform=loss_ax.transAxes)
     return _save(fig, out)
 
 
@@ -241,9 +228,7 @@ def confusion_counts(
     """Counts (rows true, columns predicted) of one split from confusion.tsv rows."""
     rows = _split_rows(_rows(rows), split)
     if classes is None:
-        classes = list(
-            dict.fromkeys(c for r in rows for c in (r["true"], r["predicted"]))
-        )
+        classes = list(dict.fromkeys(c for r in rows for c in (r["true"], r["predicted"])))
     index = {name: i for i, name in enumerate(classes)}
     matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
     for r in rows:
@@ -267,7 +252,7 @@ def confusion_matrix(
     image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=max(1, matrix.max()))
     totals = matrix.sum(axis=1, keepdims=True)
     share = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
-    fontsize = 12 if k <= 4 else 9 if k <= 10 else 6
+    fontsize = 12 if k <= 4 else 9 if k <= 10 else 8 if k <= 20 else 6
     for i in range(k):
         for j in range(k):
             text = f"{matrix[i, j]}"
@@ -296,14 +281,45 @@ def confusion_matrix(
     ax.set_ylabel("true class")
     n, correct = int(matrix.sum()), int(np.trace(matrix))
     accuracy = f"accuracy {correct / n:.1%} ({correct}/{n})" if n else "no images"
-    ax.set_title(
-        f"{_title('Confusion matrix', title)}\n{split} split: {accuracy}", fontsize=11
-    )
+    ax.set_title(f"{_title('Confusion matrix', title)}\n{split} split: {accuracy}", fontsize=11)
     fig.colorbar(image, ax=ax, shrink=0.8, label="images")
     return _save(fig, out)
 
 
 # ---- ROC ---------------------------------------------------------------------------------
+
+
+def roc_curves(prediction_rows: Rows, split: str = "test") -> list[dict]:
+    """One ROC curve per positive class of a split's predictions.
+
+    Two classes: one curve, the second class (the model's class 1, as metrics.tsv's
+    roc_auc) positive. Three or more: one curve per class against the rest. Each curve
+    has the class, fpr, tpr, auc (NaN when the split lacks positives or negatives) and
+    `decision`, the (fpr, tpr) of the model's own choice (the most probable class).
+    """
+    rows = _split_rows(_rows(prediction_rows), split)
+    classes = probability_classes(rows)
+    true = np.array([r["true"] for r in rows])
+    predicted = np.array([r["predicted"] for r in rows])
+    curves = []
+    for name in classes[1:] if len(classes) == 2 else classes:
+        positive = (true == name).astype(np.int64)
+        score = np.array([_float(r[f"p_{name}"]) for r in rows])
+        fpr, tpr = metrics.roc_curve(positive, score)
+        decision = None
+        if positive.any() and not positive.all():
+            chosen = predicted == name
+            decision = (chosen[positive == 0].mean(), chosen[positive == 1].mean())
+        curves.append(
+            {
+                "class": name,
+                "fpr": fpr,
+                "tpr": tpr,
+                "auc": metrics.roc_auc(positive, score),
+                "decision": decision,
+            }
+        )
+    return curves
 
 
 def roc_curve(
@@ -312,74 +328,52 @@ def roc_curve(
     split: str = "test",
     title: str | None = None,
 ) -> Path:
-    """ROC of the predicted probabilities; one-vs-rest curves for three or more classes.
-
-    With two classes the second class (the model's class 1, as in metrics.tsv's roc_auc)
-    is the positive one. The dot is where the model's own decision (the most probable
-    class) lies on the curve.
-    """
+    """ROC curve of a split's predicted probabilities; one-vs-rest for 3+ classes."""
     rows = _split_rows(_rows(prediction_rows), split)
-    classes = probability_classes(rows)
+    curves = roc_curves(rows, split)
+    binary = len(probability_classes(rows)) == 2
     fig = _figure(6.2, 6.0)
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], ls=":", color="0.5", label="chance (AUC = 0.5)")
-    true = np.array([r["true"] for r in rows])
-    predicted = np.array([r["predicted"] for r in rows])
-    positives = classes[1:] if len(classes) == 2 else classes
-    colors = [f"C{i % 10}" for i in range(len(positives))]
-    aucs = []
-    for name, color in zip(positives, colors):
-        is_positive = (true == name).astype(np.int64)
-        score = np.array([_float(r[f"p_{name}"]) for r in rows])
-        auc = metrics.roc_auc(is_positive, score) if len(rows) else math.nan
-        aucs.append(auc)
-        fpr, tpr = (
-            metrics.roc_curve(is_positive, score) if len(rows) else ([0, 1], [0, 1])
+    many = len(curves) > 10
+    for i, curve in enumerate(curves):
+        color = f"C{i % 10}"
+        auc = "n/a" if math.isnan(curve["auc"]) else f"{curve['auc']:.3f}"
+        name = _short(curve["class"])
+        label = f"positive class {name}" if binary else f"{name} vs rest"
+        ax.plot(
+            curve["fpr"],
+            curve["tpr"],
+            color=color,
+            lw=1 if many else 2,
+            label=f"{label} (AUC = {auc})",
         )
-        auc_text = "n/a" if math.isnan(auc) else f"{auc:.3f}"
-        label = (
-            f"positive class {_short(name)} (AUC = {auc_text})"
-            if len(classes) == 2
-            else f"{_short(name)} vs rest (AUC = {auc_text})"
-        )
-        ax.plot(fpr, tpr, color=color, lw=2 if len(positives) <= 10 else 1, label=label)
-        if len(rows) and is_positive.any() and (1 - is_positive).any():
-            decided = predicted == name
-            ax.plot(
-                decided[is_positive == 0].mean(),
-                decided[is_positive == 1].mean(),
-                "o",
-                color=color,
-                ms=7,
-                markeredgecolor="black",
-            )
-    ax.plot(
-        [], [], "o", color="white", markeredgecolor="black", label="model's decision"
-    )
+        if curve["decision"] is not None:
+            ax.plot(*curve["decision"], "o", color=color, ms=7, markeredgecolor="black")
+    ax.plot([], [], "o", color="white", markeredgecolor="black", label="model's decision")
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
     ax.set_xlabel("false positive rate (1 − specificity)")
     ax.set_ylabel("true positive rate (sensitivity, recall)")
-    valid = [a for a in aucs if not math.isnan(a)]
-    if len(classes) == 2:
-        summary = f"AUC {aucs[0]:.3f}" if valid else "AUC n/a"
+    aucs = [c["auc"] for c in curves if not math.isnan(c["auc"])]
+    if not aucs:
+        summary = "AUC n/a"
+    elif binary:
+        summary = f"AUC {aucs[0]:.3f}"
     else:
-        summary = f"one-vs-rest, mean AUC {np.mean(valid):.3f}" if valid else "AUC n/a"
-    ax.set_title(
-        f"{_title('ROC curve', title)}\n{split} split, n = {len(rows)}: {summary}"
-    )
-    ax.legend(loc="lower right", fontsize=9 if len(positives) <= 10 else 6)
+        summary = f"one-vs-rest, mean AUC {np.mean(aucs):.3f}"
+    heading = _title("ROC curve", title)
+    ax.set_title(f"{heading}\n{split} split, n = {len(rows)}: {summary}")
+    ax.legend(loc="lower right", fontsize=6 if many else 9)
     return _save(fig, out)
 
 
 # ---- mistakes ----------------------------------------------------------------------------
 
 
-def worst_mistakes(
-    prediction_rows: Rows, split: str = "test", n: int = 16
-) -> list[Mapping]:
+def worst_mistakes(prediction_rows: Rows, split: str = "test", n: int = 16) -> list[Mapping]:
     """Wrong predictions of a split, the most confident first."""
     rows = _split_rows(_rows(prediction_rows), split)
     wrong = [r for r in rows if r["true"] != r["predicted"]]
@@ -422,7 +416,7 @@ def mistakes_gallery(
     rows_n = math.ceil(len(shown) / cols)
     fig = _figure(3.0 * cols + 0.4, 3.3 * rows_n + 0.7)
     axes = np.atleast_1d(fig.subplots(rows_n, cols, squeeze=False)).ravel()
-    for ax, row in zip(axes, shown):
+    for ax, row in zip(axes, shown, strict=False):
         pixels = _thumbnail(Path(data_root) / row["path"])
         if pixels is None:
             ax.text(0.5, 0.5, "image not found", ha="center", va="center", color="0.4")
@@ -453,17 +447,9 @@ def mistakes_gallery(
 
 # ---- experiments compared ----------------------------------------------------------------
 
-SUMMARY_FIXED = {
-    "experiment",
-    "stage",
-    "test_accuracy",
-    "test_macro_f1",
-    "test_roc_auc",
-    "test_loss",
-    "epochs_run",
-    "best_epoch",
-    "train_seconds",
-    "best",
+# Columns of summary.tsv that are not an experiment's overrides.
+SUMMARY_FIXED = {"experiment", "stage", "epochs_run", "best_epoch", "train_seconds", "best"} | {
+    f"test_{m}" for m in ("accuracy", "macro_f1", "roc_auc", "loss")
 }
 
 
@@ -476,9 +462,7 @@ def _metric_label(metric: str) -> str:
 def _experiment_label(row: Mapping) -> str:
     """The experiment's name, with its overrides (summary columns like finetune.lr) below."""
     overrides = [
-        f"{k}={row[k]}"
-        for k in row
-        if k not in SUMMARY_FIXED and row[k] not in (None, "")
+        f"{k}={row[k]}" for k in row if k not in SUMMARY_FIXED and row[k] not in (None, "")
     ]
     label = str(row["experiment"])
     if overrides:
@@ -504,17 +488,13 @@ def compare_experiments(
     stages += sorted({r["stage"] for r in rows} - set(stages))
     height = 1.9 + max(1, len(experiments)) * (0.35 + 0.3 * len(stages))
     fig = _figure(5.2 * len(metric_list) + 2.2, height)
-    axes = np.atleast_1d(
-        fig.subplots(1, len(metric_list), sharey=True, squeeze=False)
-    ).ravel()
+    axes = np.atleast_1d(fig.subplots(1, len(metric_list), sharey=True, squeeze=False)).ravel()
     bar = 0.8 / max(1, len(stages))
     y = np.arange(len(experiments))
-    for ax, name in zip(axes, metric_list):
+    for ax, name in zip(axes, metric_list, strict=True):
         values = [_float(r.get(name)) for r in rows]
         top = max([v for v in values if not math.isnan(v)] + [1.0])
-        share = (
-            name != "test_loss" and top <= 1.0
-        )  # accuracy, F1, AUC: shown as percent
+        share = name != "test_loss" and top <= 1.0  # accuracy, F1, AUC: shown as percent
         for s, stage in enumerate(stages):
             offset = (s - (len(stages) - 1) / 2) * bar
             for e, experiment in enumerate(experiments):
@@ -525,9 +505,7 @@ def compare_experiments(
                 best = str(row.get("best", "")).lower() in ("yes", "true", "1")
                 ypos = e + offset
                 if math.isnan(value):
-                    ax.text(
-                        0.01 * top, ypos, "n/a", va="center", fontsize=8, color="0.4"
-                    )
+                    ax.text(0.01 * top, ypos, "n/a", va="center", fontsize=8, color="0.4")
                     continue
                 ax.barh(
                     ypos,
@@ -540,40 +518,29 @@ def compare_experiments(
                 ax.text(
                     value + 0.01 * top,
                     ypos,
-                    (f"{value:.1%}" if share else f"{value:.3f}")
-                    + ("  ★ best" if best else ""),
+                    (f"{value:.1%}" if share else f"{value:.3f}") + ("  ★ best" if best else ""),
                     va="center",
                     fontsize=9,
                     fontweight="bold" if best else "normal",
                 )
         ax.set_xlim(0, top * 1.3)
-        ax.set_xlabel(_metric_label(name))
         ax.set_title(_metric_label(name))
         ax.grid(axis="x", alpha=0.3)
         if share:
             ax.set_xticks(np.linspace(0, 1, 6))
             ax.xaxis.set_major_formatter(PercentFormatter(1.0))
-    labels = [
-        _experiment_label(next(r for r in rows if r["experiment"] == e))
-        for e in experiments
-    ]
+    labels = [_experiment_label(next(r for r in rows if r["experiment"] == e)) for e in experiments]
     axes[0].set_yticks(y, labels, fontsize=9)
     axes[0].set_ylim(len(experiments) - 0.5, -0.5)  # first experiment (the best) on top
     handles = [
         Patch(color=STAGE_COLORS.get(s, f"C{i + 2}"), label=STAGE_NAMES.get(s, s))
         for i, s in enumerate(stages)
     ]
-    handles.append(
-        Patch(facecolor="white", edgecolor="black", linewidth=2, label="★ best run")
-    )
-    fig.legend(
-        handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9
-    )
+    handles.append(Patch(facecolor="white", edgecolor="black", linewidth=2, label="★ best run"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9)
     fig.suptitle(_title("Experiments on the test split", title), fontsize=13)
     if not rows:
-        axes[0].text(
-            0.5, 0.5, "no runs in the summary", ha="center", transform=axes[0].transAxes
-        )
+        axes[0].text(0.5, 0.5, "no runs in the summary", ha="center", transform=axes[0].transAxes)
     return _save(fig, out)
 
 
@@ -621,11 +588,9 @@ def html_table(
         f"<table><caption>{html.escape(title)}</caption>",
         "<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>",
     ]
-    for row, marked in zip(body, highlight):
+    for row, marked in zip(body, highlight, strict=True):
         cells = "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row)
-        lines.append(
-            f'<tr class="best">{cells}</tr>' if marked else f"<tr>{cells}</tr>"
-        )
+        lines.append(f'<tr class="best">{cells}</tr>' if marked else f"<tr>{cells}</tr>")
     lines.append("</table>")
     if note:
         lines.append(f"<p>{html.escape(note)}</p>")
@@ -647,15 +612,11 @@ def metrics_table(
             for key, value in row.items():
                 if key != "split":
                     values.setdefault(key, {})[column] = value
-    body = [
-        [key, *(cells.get(c, "") for c in columns)] for key, cells in values.items()
-    ]
+    body = [[key, *(cells.get(c, "") for c in columns)] for key, cells in values.items()]
     return html_table(["metric", *columns], body, out, title)
 
 
-def summary_table(
-    summary_rows: Rows, out: str | os.PathLike, title: str = "Summary"
-) -> Path:
+def summary_table(summary_rows: Rows, out: str | os.PathLike, title: str = "Summary") -> Path:
     """results/summary.tsv as a table, its best run highlighted."""
     rows = _rows(summary_rows)
     header = list(dict.fromkeys(c for r in rows for c in r))

@@ -299,17 +299,13 @@ def finetune(
     val_set = data.ImageDataset(data_root, data.split_records(records, val_split), classes, **common)
     val_loader = data.make_loader(val_set, batch_size * 4, workers=workers, pin_memory=_pin(dev))
 
+    train_loader = data.make_loader(
+        train_set, batch_size, shuffle=True, seed=seed, workers=workers, pin_memory=_pin(dev)
+    )
+
     def train_loader_for(epoch: int):
-        train_set.set_epoch(epoch)
-        return data.make_loader(
-            train_set,
-            batch_size,
-            shuffle=True,
-            seed=seed,
-            epoch=epoch,
-            workers=workers,
-            pin_memory=_pin(dev),
-        )
+        train_loader.sampler.set_epoch(epoch)
+        return train_loader
 
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     scheduler = constant_then_warmup(optimizer, warmup_epochs, warmup_start_factor)

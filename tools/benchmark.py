@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""Speed figures of the workflow's design choices, measured in one run on one machine.
+
+  1. Head training on cached features vs the course's way (frozen backbone over every
+     image in every epoch), same epochs, same data: times and their ratio.
+  2. Feature-extraction throughput (images/s): our extractor (eval mode, inference_mode,
+     channels_last) vs a plain torchvision ImageFolder + DataLoader + no_grad loop.
+  3. End-to-end wall time of the demo workflow (`snakemake --configfile config/demo.yaml`).
+
+Machines are noisy: every figure is the median of --repeats runs. Usage:
+  python tools/benchmark.py [--images-per-class 100] [--image-size 224] [--epochs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "workflow_scripts"))
+
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from torch.utils.data import TensorDataset  # noqa: E402
+
+from transfer_learning import data, demo, models, stages, verify  # noqa: E402
+from transfer_learning.data import MANIFEST_COLUMNS  # noqa: E402
+from transfer_learning.io import write_tsv  # noqa: E402
+from transfer_learning.train import EarlyStopping, fit, pick_device  # noqa: E402
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def make_data(root: Path, per_class: int, size: int) -> Path:
+    counts = {"train": {"cats": per_class, "dogs": per_class}}
+    counts["val"] = {"cats": max(2, per_class // 5), "dogs": max(2, per_class // 5)}
+    demo.make_demo_dataset(root, counts, size, seed=1)
+    report = verify.verify_dataset(root, ["train", "val"])
+    manifest = root.parent / "manifest.tsv"
+    write_tsv(manifest, report.manifest, MANIFEST_COLUMNS)
+    return manifest
+
+
+def course_head_training(model, dataset, epochs, batch_size, device, workers):
+    """The notebook's way: images through the frozen backbone in every epoch."""
+    head = models.Head(models.feature_dim(model), 2).to(device)
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-4)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    for epoch in range(epochs):
+        loader = data.make_loader(dataset, batch_size, shuffle=True, epoch=epoch, workers=workers)
+        for images, labels in loader:
+            with torch.no_grad():
+                feats = model(images.to(device))
+            loss = loss_fn(head(feats).squeeze(1), labels.float().to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+
+def cached_head_training(features, labels, val, epochs, batch_size, device):
+    head = models.Head(features.shape[1], 2).to(device)
+    head.fit_standardisation(features)
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-4)
+    scheduler = stages.constant_then_warmup(optimizer, 0, 1.0)
+    train_set = TensorDataset(features, labels)
+    fit(
+        head,
+        lambda e: data.make_loader(train_set, batch_size, shuffle=True, epoch=e),
+        data.make_loader(TensorDataset(*val), 1024),
+        optimizer,
+        scheduler,
+        num_classes=2,
+        epochs=epochs,
+        seed=0,
+        device=device,
+        early_stopping=EarlyStopping(),
+        stage="bench_head",
+    )
+
+
+def plain_extraction(root: Path, size: int, batch_size: int, device, workers: int):
+    """What a notebook does: ImageFolder, default memory format, no_grad."""
+    transform = data.eval_transform(size, models.IMAGENET_MEAN, models.IMAGENET_STD)
+    folder = torchvision.datasets.ImageFolder(root / "train", transform=transform)
+    model = models.build_backbone("mobilenet_v2").to(device).eval()
+    loader = torch.utils.data.DataLoader(folder, batch_size=batch_size, num_workers=workers)
+    with torch.no_grad():
+        for images, _ in loader:
+            model(images.to(device))
+    return len(folder)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images-per-class", type=int, default=100)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=min(4, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--skip-demo", action="store_true")
+    args = parser.parse_args()
+    device = pick_device()
+    print(
+        f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{args.workers} loader workers, {2 * args.images_per_class} train images "
+        f"at {args.image_size}px, {args.epochs} epochs, median of {args.repeats}"
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "data"
+        manifest = make_data(root, args.images_per_class, args.image_size)
+        # A local weights file, as on the cluster after fetch_weights (no BatchNorm
+        # calibration, which only random-init backbones need).
+        weights_file = Path(tmp) / "mobilenet_v2-local.pth"
+        torch.save(torchvision.models.mobilenet_v2().state_dict(), weights_file)
+        common = dict(
+            manifest=str(manifest),
+            data_root=str(root),
+            backbone="mobilenet_v2",
+            weights=None,
+            weights_file=None,
+            image_size=args.image_size,
+            mean=models.IMAGENET_MEAN,
+            std=models.IMAGENET_STD,
+            batch_size=64,
+            workers=args.workers,
+        )
+        n_train = 2 * args.images_per_class
+        out = Path(tmp) / "features"
+
+        # 2. extraction throughput
+        ours = median_time(
+            lambda: stages.extract_features(split="train", output=str(out / "train.pt"), **common),
+            args.repeats,
+        )
+        plain = median_time(
+            lambda: plain_extraction(root, args.image_size, 64, device, args.workers), args.repeats
+        )
+        print(
+            f"extraction: ours {n_train / ours:.1f} images/s, plain ImageFolder loop "
+            f"{n_train / plain:.1f} images/s, ratio {plain / ours:.2f}x"
+        )
+
+        # 1. head training: cached features vs backbone every epoch
+        stages.extract_features(split="val", output=str(out / "val.pt"), **common)
+        train = torch.load(out / "train.pt", weights_only=True)
+        val = torch.load(out / "val.pt", weights_only=True)
+        records = data.split_records(data.read_manifest(manifest), "train")
+        dataset = data.ImageDataset(
+            root,
+            records,
+            ["cats", "dogs"],
+            args.image_size,
+            models.IMAGENET_MEAN,
+            models.IMAGENET_STD,
+        )
+        backbone = stages.build_model_for_features("mobilenet_v2", weights_file, 0, device, dataset)
+        course = median_time(
+            lambda: course_head_training(
+                backbone, dataset, args.epochs, args.batch_size, device, args.workers
+            ),
+            args.repeats,
+        )
+        cached = median_time(
+            lambda: cached_head_training(
+                train["features"],
+                train["labels"],
+                (val["features"], val["labels"]),
+                args.epochs,
+                args.batch_size,
+                device,
+            ),
+            args.repeats,
+        )
+        print(
+            f"head training, {args.epochs} epochs: course's way {course:.2f} s, cached "
+            f"features {cached:.3f} s, ratio {course / cached:.0f}x "
+            f"(with the one-off extraction: {course / (cached + ours):.1f}x)"
+        )
+
+    # 3. end-to-end demo
+    if not args.skip_demo:
+        with tempfile.TemporaryDirectory() as tmp:
+            env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+            start = time.perf_counter()
+            subprocess.run(
+                [
+                    "snakemake",
+                    "-s",
+                    str(REPO / "Snakefile"),
+                    "-d",
+                    tmp,
+                    "--configfile",
+                    str(REPO / "config" / "demo.yaml"),
+                    "--cores",
+                    "2",
+                    "--quiet",
+                ],
+                check=True,
+                env=env,
+                stdout=subprocess.DEVNULL,
+            )
+            print(f"demo workflow end to end: {time.perf_counter() - start:.0f} s wall")
+
+
+if __name__ == "__main__":
+    main()
