@@ -134,7 +134,7 @@ def test_features_cached_for_train_and_val_only(small_run):
     assert tuple(train["features"].shape) == (96, 1280)
     assert tuple(val["features"].shape) == (24, 1280)
     assert train["classes"] == val["classes"] == ["cats", "dogs"]
-    assert train["image_size"] == 32 and train["weights"] is None
+    assert train["image_size"] == 32 and train["weights"] == "random"
 
 
 def test_saved_models_score_validation_as_training_did(small_run):

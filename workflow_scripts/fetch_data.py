@@ -68,9 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         # OSError covers network (URLError) and disk failures.
         raise SystemExit(f"{PROG}: {err}") from None
     written = ", ".join(f"{s}: {json.dumps(c)}" for s, c in report["counts"].items())
-    log(
-        f"ok: {report['root']} ({written}); skipped {len(report['skipped'])} undecodable images"
-    )
+    log(f"ok: {report['root']} ({written}); skipped {len(report['skipped'])} undecodable images")
 
 
 if __name__ == "__main__":

@@ -28,21 +28,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--weights", required=True, help="weights name, e.g. IMAGENET1K_V1 or DEFAULT"
     )
-    parser.add_argument(
-        "--out", required=True, type=Path, help="where to write the .pth file"
-    )
-    parser.add_argument(
-        "--url", help="download from here instead (mirror; file:// works)"
-    )
+    parser.add_argument("--out", required=True, type=Path, help="where to write the .pth file")
+    parser.add_argument("--url", help="download from here instead (mirror; file:// works)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        path = fetch.fetch_weights(
-            args.backbone, args.weights, args.out, url=args.url, log=log
-        )
+        path = fetch.fetch_weights(args.backbone, args.weights, args.out, url=args.url, log=log)
     except (fetch.FetchError, ValueError, OSError) as err:
         # OSError covers network (URLError) and disk failures.
         raise SystemExit(f"{PROG}: {err}") from None

@@ -7,6 +7,7 @@ files that `verify_dataset` checked, in a stable order.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +165,16 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
+def _worker_ignores_stop_signals(_worker_id: int) -> None:
+    """Slurm signals every process of the job; only the training process may act on it.
+
+    Loader workers ignore SIGTERM/SIGUSR1, so the main process can save its state and
+    shut them down itself instead of dying of a killed worker.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -186,6 +197,11 @@ def make_loader(
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
+        # The loader draws its workers' base seed when an iterator starts; from the global
+        # generator, that draw would shift dropout after a resume (persistent workers start
+        # once per run, not once per epoch). Augmentation is seeded per image anyway.
+        generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_worker_ignores_stop_signals if workers > 0 else None,
     )
 
 

@@ -51,9 +51,7 @@ def resolve_weights(backbone: str, name: str):
         enum = models.get_model_weights(backbone)
     except ValueError:
         valid = ", ".join(models.list_models(module=models))
-        raise ValueError(
-            f"unknown backbone {backbone!r}; valid backbones: {valid}"
-        ) from None
+        raise ValueError(f"unknown backbone {backbone!r}; valid backbones: {valid}") from None
     try:
         # Enum lookup by name resolves the DEFAULT alias to the real member.
         return enum[name]
@@ -122,9 +120,7 @@ def fetch_weights(
     tmp = _temp_path(dest)
     try:
         log(f"downloading {url} -> {dest}")
-        torch.hub.download_url_to_file(
-            url, str(tmp), hash_prefix=prefix, progress=False
-        )
+        torch.hub.download_url_to_file(url, str(tmp), hash_prefix=prefix, progress=False)
         os.replace(tmp, dest)
     except URLError as err:
         raise FetchError(f"cannot download {url}: {err.reason}") from None
@@ -142,17 +138,13 @@ def fetch_weights(
 def _check_counts(counts: dict[str, dict[str, int]]) -> None:
     """Reject unknown classes, odd split names and non-count values up front."""
     if not isinstance(counts, dict) or not counts:
-        raise ValueError(
-            f"counts must be a non-empty split -> class -> number map, got {counts!r}"
-        )
+        raise ValueError(f"counts must be a non-empty split -> class -> number map, got {counts!r}")
     known = set(SPECIES_CLASSES.values())
     for split, per_class in counts.items():
         if not split or split in (".", "..") or "/" in split or os.sep in split:
             raise ValueError(f"counts: bad split name {split!r}")
         if not isinstance(per_class, dict):
-            raise TypeError(
-                f"counts[{split!r}] must map class -> number, got {per_class!r}"
-            )
+            raise TypeError(f"counts[{split!r}] must map class -> number, got {per_class!r}")
         unknown = sorted(set(per_class) - known)
         if unknown:
             raise ValueError(
@@ -161,16 +153,12 @@ def _check_counts(counts: dict[str, dict[str, int]]) -> None:
             )
         for cls, n in per_class.items():
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-                raise ValueError(
-                    f"counts[{split!r}][{cls!r}] must be a count >= 0, got {n!r}"
-                )
+                raise ValueError(f"counts[{split!r}][{cls!r}] must be a count >= 0, got {n!r}")
 
 
 def _check_root_free(root: Path) -> None:
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise FetchError(
-            f"{root} already exists and is not empty; refusing to overwrite it"
-        )
+        raise FetchError(f"{root} already exists and is not empty; refusing to overwrite it")
 
 
 def _pet_candidates(download_dir: Path, download: bool) -> dict[str, tuple[Path, str]]:
@@ -191,9 +179,7 @@ def _pet_candidates(download_dir: Path, download: bool) -> dict[str, tuple[Path,
         except RuntimeError as err:
             # Missing data (no download) or an archive failing its md5 check.
             hint = "" if download else " (downloading was turned off)"
-            raise FetchError(
-                f"Oxford-IIIT Pet in {download_dir}: {err}{hint}"
-            ) from None
+            raise FetchError(f"Oxford-IIIT Pet in {download_dir}: {err}{hint}") from None
         # The public __getitem__ decodes (and dies on corrupt files); we need
         # the paths and species labels, which torchvision keeps here.
         for path, label in zip(ds._images, ds._bin_labels, strict=True):
@@ -230,9 +216,7 @@ def _select(
     for cls, names in valid.items():
         needed = sum(per_class.get(cls, 0) for per_class in counts.values())
         if needed > len(names):
-            short.append(
-                f"class {cls!r} needs {needed} valid images, only {len(names)} available"
-            )
+            short.append(f"class {cls!r} needs {needed} valid images, only {len(names)} available")
     if short:
         raise FetchError("not enough images: " + "; ".join(short))
     chosen: dict[str, dict[str, list[str]]] = {split: {} for split in counts}

@@ -97,6 +97,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict:
 
 def load_backbone_weights(model: nn.Module, state: dict, classifier: str, source) -> None:
     """Load a full-model state dict, ignoring classifier keys of any shape."""
+
     def backbone_only(tensors: dict) -> dict:
         return {k: v for k, v in tensors.items() if not k.startswith(f"{classifier}.")}
 

@@ -296,7 +296,9 @@ def finetune(
         seed=seed,
         **common,
     )
-    val_set = data.ImageDataset(data_root, data.split_records(records, val_split), classes, **common)
+    val_set = data.ImageDataset(
+        data_root, data.split_records(records, val_split), classes, **common
+    )
     val_loader = data.make_loader(val_set, batch_size * 4, workers=workers, pin_memory=_pin(dev))
 
     train_loader = data.make_loader(
@@ -461,6 +463,7 @@ def summary_row(run: dict, test_split: str = "test") -> dict:
 
 def summarize(rows: list[dict], output: str, sort_by: str = "test_accuracy") -> None:
     """One row per experiment and stage; the best by `sort_by` is marked."""
+
     def score(row: dict) -> float:
         value = row.get(sort_by)
         return -np.inf if value is None or np.isnan(value) else float(value)

@@ -111,7 +111,9 @@ def verify_dataset(
         folders, files, hidden = _listing(split_dir)
         report.skipped += [p.relative_to(root).as_posix() for p in hidden]
         for stray in files:
-            report.warnings.append(f"{stray.relative_to(root)}: file outside any class folder, ignored")
+            report.warnings.append(
+                f"{stray.relative_to(root)}: file outside any class folder, ignored"
+            )
         if not folders:
             report.problems.append(f"split {split}/ has no class folders")
         classes_of[split] = [f.name for f in folders]
