@@ -28,7 +28,6 @@ sys.path.insert(0, str(REPO / "workflow_scripts"))
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
-
 from transfer_learning import data, demo, models, stages, verify  # noqa: E402
 from transfer_learning.data import MANIFEST_COLUMNS  # noqa: E402
 from transfer_learning.io import write_tsv  # noqa: E402

@@ -130,8 +130,8 @@ def make_demo_dataset(
     classes = sorted({label for per_class in counts.values() for label in per_class})
     if len(classes) > len(SHAPES):
         raise ValueError(f"the demo draws at most {len(SHAPES)} classes, got {len(classes)}")
-    shape_of = dict(zip(classes, SHAPES))
-    pattern_of = dict(zip(classes, PATTERNS))
+    shape_of = dict(zip(classes, SHAPES, strict=False))
+    pattern_of = dict(zip(classes, PATTERNS, strict=False))
     partial = root.with_name(f".{root.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     serial = 0

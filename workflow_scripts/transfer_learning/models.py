@@ -157,7 +157,7 @@ def calibrate_batchnorm(model: nn.Module, batches) -> None:
     model.train()
     for images in batches:
         model(images)
-    for m, momentum in zip(norms, momenta):
+    for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
     model.eval()
 

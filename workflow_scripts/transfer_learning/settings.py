@@ -59,7 +59,7 @@ def expand_experiments(experiments: Mapping) -> dict[str, dict]:
         for values in itertools.product(*(grid[k] for k in keys)):
             combo = copy.deepcopy(overrides)
             parts = [name]
-            for key, value in zip(keys, values):
+            for key, value in zip(keys, values, strict=True):
                 set_dotted(combo, key, value)
                 parts.append(f"{key.split('.')[-1]}{_value_label(value)}")
             expanded["_".join(parts)] = combo

@@ -402,7 +402,7 @@ def evaluate(
             row["macro_f1"],
         )
         predicted = probs.argmax(1)
-        for record, t, p, pr in zip(rows, true, predicted, probs):
+        for record, t, p, pr in zip(rows, true, predicted, probs, strict=True):
             prediction_rows.append(
                 {
                     "split": split,
