@@ -15,6 +15,7 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +99,8 @@ class Cluster:
         )
         if proc.returncode != 0:
             logs = "\n".join(
-                f"--- {log.name}\n{_tail(log)}" for log in sorted((self.state / "log").glob("*.log"))
+                f"--- {log.name}\n{_tail(log)}"
+                for log in sorted((self.state / "log").glob("*.log"))
             )
             raise RuntimeError(f"tests/cluster/start.sh failed:\n{proc.stdout}\n{logs}")
         env_sh = (self.state / "env.sh").read_text()
@@ -156,8 +158,7 @@ class Cluster:
         proc = subprocess.run(
             [str(c) for c in command],
             env=self.env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            capture_output=True,
             text=True,
             timeout=timeout,
         )
@@ -168,10 +169,12 @@ class Cluster:
     # ---- Slurm's records -------------------------------------------------------------
 
     def _sacct_rows(self, *args: str) -> list[dict]:
-        out = self.run(
-            "sacct", "-X", "-P", "-n", "-o", ",".join(SACCT_FIELDS), *args
-        )
-        return [dict(zip(SACCT_FIELDS, line.split("|"))) for line in out.splitlines() if line]
+        out = self.run("sacct", "-X", "-P", "-n", "-o", ",".join(SACCT_FIELDS), *args)
+        return [
+            dict(zip(SACCT_FIELDS, line.split("|"), strict=True))
+            for line in out.splitlines()
+            if line
+        ]
 
     def sacct(self, job_ids, timeout: float = 60) -> dict[str, dict]:
         """{job id: sacct row} of these jobs (allocations only), polled until every row is
@@ -196,7 +199,11 @@ class Cluster:
     def steps(self, job_id) -> list[dict]:
         """The job's steps (batch, 0, 1, ...) as sacct rows."""
         out = self.run("sacct", "-P", "-n", "-j", str(job_id), "-o", "JobID,State,AllocTRES%200")
-        rows = [dict(zip(("JobID", "State", "AllocTRES"), line.split("|"))) for line in out.split("\n") if line]
+        rows = [
+            dict(zip(("JobID", "State", "AllocTRES"), line.split("|"), strict=True))
+            for line in out.split("\n")
+            if line
+        ]
         return [r for r in rows if "." in r["JobID"]]
 
     def jobs_named(self, name: str, since: str, expect: int = 0, timeout: float = 20) -> list[dict]:
@@ -266,12 +273,21 @@ class Run:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
+        # Notes when the run ends, whenever a test gets round to waiting for it.
+        self._watcher = threading.Thread(target=self._watch, daemon=True)
+        self._watcher.start()
         return self
 
+    def _watch(self) -> None:
+        returncode = self.proc.wait()
+        self.seconds = time.monotonic() - self.started
+        self.returncode = returncode
+
     def wait(self) -> Run:
+        """Wait for the end of the run (its `timeout` ends it at the latest)."""
+        self._watcher.join(timeout=self.timeout + 60)
         if self.returncode is None:
-            self.returncode = self.proc.wait(timeout=self.timeout + 60)
-            self.seconds = time.monotonic() - self.started
+            raise RuntimeError(f"run {self.name} still running after {self.timeout + 60} s")
         return self
 
     def kill(self) -> None:

@@ -22,17 +22,27 @@ from conftest import (
     tail,
     write_images,
 )
-
 from transfer_learning import settings
 from transfer_learning.io import read_tsv
 
-STAGE_RULES = {"verify_dataset", "extract_features", "train_head", "finetune", "evaluate", "summarize"}
+STAGE_RULES = {
+    "verify_dataset",
+    "extract_features",
+    "train_head",
+    "finetune",
+    "evaluate",
+    "summarize",
+}
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     """A valid data set (absolute path): a run with a good config would start jobs on it."""
-    counts = {"train": {"cats": 4, "dogs": 4}, "val": {"cats": 2, "dogs": 2}, "test": {"cats": 2, "dogs": 2}}
+    counts = {
+        "train": {"cats": 4, "dogs": 4},
+        "val": {"cats": 2, "dogs": 2},
+        "test": {"cats": 2, "dogs": 2},
+    }
     root = write_images(tmp_path_factory.mktemp("tiny") / "images", counts, size=32, seed=3)
     return root, counts
 
@@ -53,7 +63,10 @@ BAD_VALUES = {
     "wrong_type": ({"head": {"batch_size": "big"}}, ["head.batch_size", "big"]),
     "unknown_key": ({"head": {"lrr": 1.0e-3}}, ["head", "lrr"]),
     "unknown_top_level_key": ({"hed": {"lr": 1.0e-3}}, ["hed"]),
-    "unknown_backbone": ({"model": {"backbone": "mobilenet_v9"}}, ["model.backbone", "mobilenet_v9"]),
+    "unknown_backbone": (
+        {"model": {"backbone": "mobilenet_v9"}},
+        ["model.backbone", "mobilenet_v9"],
+    ),
     "unknown_weights": (
         {"model": {"weights": "IMAGENET9K_V7"}},
         ["model.weights", "IMAGENET9K_V7"],
@@ -76,7 +89,9 @@ def bad_runs(tmp_path_factory, tiny_data):
     base = tmp_path_factory.mktemp("bad_configs")
 
     def run(case):
-        config = overlay(base / f"{case}.yaml", small_config(str(root), counts, **BAD_VALUES[case][0]))
+        config = overlay(
+            base / f"{case}.yaml", small_config(str(root), counts, **BAD_VALUES[case][0])
+        )
         workdir = base / case
         return case, snakemake(workdir, "--configfile", config, timeout=120), workdir
 
@@ -153,20 +168,26 @@ def test_grid_experiments_expand_into_named_runs(tmp_path, tiny_data):
 
 # ---- a data set with three other classes, from an overlay alone -------------------------
 
+# Other split folder names too: nothing may assume train/val/test.
+THREE_SPLITS = ["training", "validation", "testing"]
 THREE = {
-    "train": {"ants": 12, "bees": 12, "wasps": 12},
-    "val": {"ants": 6, "bees": 6, "wasps": 6},
-    "test": {"ants": 6, "bees": 6, "wasps": 6},
+    "training": {"ants": 12, "bees": 12, "wasps": 12},
+    "validation": {"ants": 6, "bees": 6, "wasps": 6},
+    "testing": {"ants": 6, "bees": 6, "wasps": 6},
 }
 THREE_CLASSES = ["ants", "bees", "wasps"]
 
 
 @pytest.fixture(scope="module")
 def three_class(tmp_path_factory):
-    """verify_dataset alone, then every stage up to the summary, on ants/bees/wasps."""
+    """verify_dataset alone, then every stage up to the summary, on ants/bees/wasps in
+    training/validation/testing folders (same workdir)."""
     workdir = tmp_path_factory.mktemp("three_class")
     write_images(workdir / "data" / "insects", THREE, size=48, seed=11)
-    config = overlay(workdir / "insects.yaml", small_config("data/insects", THREE))
+    config = overlay(
+        workdir / "insects.yaml",
+        small_config("data/insects", THREE, data={"splits": THREE_SPLITS}),
+    )
     verify = snakemake(workdir, "verify_dataset", "--configfile", config, timeout=300)
     full = snakemake(workdir, *STAGE_OUTPUTS, "--configfile", config, timeout=600)
     return workdir, verify, full
@@ -182,7 +203,7 @@ def test_three_classes_verify_from_overlay_alone(three_class):
         (s, c) for s in THREE for c in THREE_CLASSES
     }
     assert all(r["status"] == "ok" for r in counts)
-    assert {int(r["found"]) for r in counts if r["split"] == "train"} == {12}
+    assert {int(r["found"]) for r in counts if r["split"] == "training"} == {12}
     manifest = read_tsv(workdir / "results" / "data" / "manifest.tsv")
     assert len(manifest) == 72
 
@@ -193,7 +214,7 @@ def test_three_classes_full_run_softmax_metrics(three_class):
     for stage in ("head", "finetune"):
         eval_dir = workdir / "results" / "baseline" / "eval" / stage
         metrics = read_tsv(eval_dir / "metrics.tsv")
-        assert [r["split"] for r in metrics] == ["val", "test"]
+        assert [r["split"] for r in metrics] == ["validation", "testing"]
         columns = list(metrics[0])
         for name in THREE_CLASSES:
             for kind in ("precision", "recall", "f1"):
@@ -433,4 +454,3 @@ def test_demo_config_is_valid_on_its_own():
     merged = settings.deep_merge(base, demo)
     merged["data"]["expected_counts"] = demo["data"]["expected_counts"]
     assert settings.schema_errors(merged, schema) == []
-

@@ -20,13 +20,15 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, jobs, overlay, snakemake, snake_env, tail, write_images
+from conftest import REPO, jobs, overlay, snake_env, snakemake, tail, write_images
 from slurm_helpers import Cluster, Run, minutes_to_timelimit, missing_requirements, tres
 
 PROFILE = REPO / "profiles" / "expanse"
@@ -150,7 +152,10 @@ def test_one_job_profile_is_the_per_stage_profile_plus_groups():
         expected["set-resources"][rule]["slurm_extra"] = f"'{SIGNAL}'"
     for key in ONE_ALLOCATION_KEYS:
         expected[key] = one_job[key]
-    definitions = [d.replace("profiles/expanse-one-job:", "profiles/expanse:") for d in one_job["__definitions__"]]
+    definitions = [
+        d.replace("profiles/expanse-one-job:", "profiles/expanse:")
+        for d in one_job["__definitions__"]
+    ]
     assert {**one_job, "__definitions__": definitions} == expected
     assert one_job["groups"] == dict.fromkeys(GROUPED_RULES, "gpu_stages")
     assert one_job["resources"] == {"gpu": 1}
@@ -192,9 +197,11 @@ def test_dry_run_maps_every_rule_onto_expanse(tmp_path):
 
 
 def test_qos_comes_from_sbatch_qos(tmp_path):
+    env = snake_env(SBATCH_ACCOUNT="testacct", SBATCH_QOS="gpu-shared-normal")
+    target = "results/data/counts.tsv"
     proc = snakemake(
-        tmp_path / "work", "--profile", PROFILE, "--configfile", DEMO, "-n", "results/data/counts.tsv",
-        cores=None, env=snake_env(SBATCH_ACCOUNT="testacct", SBATCH_QOS="gpu-shared-normal"),
+        tmp_path / "work", target, "--profile", PROFILE, "--configfile", DEMO, "-n",
+        cores=None, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, tail(proc.stdout)
     (verify,) = [j for j in jobs(proc.stdout) if j["rule"] == "verify_dataset"]
@@ -207,7 +214,9 @@ def test_missing_account_stops_before_anything_runs(tmp_path, profile):
     env = snake_env()
     env.pop("SBATCH_ACCOUNT", None)
     started = time.monotonic()
-    proc = snakemake(workdir, "--profile", profile, "--configfile", DEMO, cores=None, env=env, timeout=120)
+    proc = snakemake(
+        workdir, "--profile", profile, "--configfile", DEMO, cores=None, env=env, timeout=120
+    )
     assert proc.returncode == 1, tail(proc.stdout)
     assert time.monotonic() - started < 60
     assert "the environment variable SBATCH_ACCOUNT is not set" in proc.stdout
@@ -222,18 +231,23 @@ def test_missing_account_stops_before_anything_runs(tmp_path, profile):
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster():
     reason = missing_requirements()
     if reason:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"CI must run the Slurm tests, but {reason}")
         pytest.skip(reason)
-    slurm = Cluster(tmp_path_factory.mktemp("slurm"))
+    # Not under pytest's basetemp: munged refuses a socket below a directory that others
+    # cannot traverse, and pytest's are private (0700).
+    state = Path(tempfile.mkdtemp(prefix="tlwf-slurm-test-"))
+    state.chmod(0o755)
+    slurm = Cluster(state)
     try:
         slurm.start()
         yield slurm
     finally:
-        slurm.stop()
+        print(slurm.stop())
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def _selected_runs(request) -> set[str]:
@@ -281,23 +295,29 @@ def runs(request, cluster, tmp_path_factory):
 
     def demo_overlay(name, extra):
         # The data live outside the working directory, as on Lustre project space.
-        return overlay(base / f"{name}.yaml", {**extra, "data": {**extra.get("data", {}), "root": str(base / "data" / name)}})
+        return overlay(
+            base / f"{name}.yaml",
+            {**extra, "data": {**extra.get("data", {}), "root": str(base / "data" / name)}},
+        )
 
     specs = {}
     # e: a fine-tuning cancelled from outside (longest: starts first).
     specs["cancelled"] = dict(
         profile=PROFILE, env=account, timeout=600,
-        args=["--configfile", DEMO, demo_overlay("cancelled", LONG_FINETUNE), "results/baseline/finetune/model.pt"],
+        args=[
+            "results/baseline/finetune/model.pt",
+            "--configfile", DEMO, demo_overlay("cancelled", LONG_FINETUNE),
+        ],
     )  # fmt: skip
     # a: every stage its own job.
     specs["stages"] = dict(
         profile=PROFILE, env=account, timeout=600,
-        args=["--configfile", DEMO, demo_overlay("stages", FAST), *STAGE_TARGETS],
+        args=[*STAGE_TARGETS, "--configfile", DEMO, demo_overlay("stages", FAST)],
     )  # fmt: skip
     # b: the GPU stages in one allocation.
     specs["one_job"] = dict(
         profile=ONE_JOB, env=account, timeout=600,
-        args=["--configfile", DEMO, demo_overlay("one_job", FAST), *STAGE_TARGETS],
+        args=[*STAGE_TARGETS, "--configfile", DEMO, demo_overlay("one_job", FAST)],
     )  # fmt: skip
     # c: user data with a truncated JPEG: verify_dataset fails inside its Slurm job.
     if "failing" in wanted:
@@ -311,7 +331,7 @@ def runs(request, cluster, tmp_path_factory):
         )
         specs["failing"] = dict(
             profile=PROFILE, env=account, timeout=300,
-            args=["--configfile", failing, "results/data/counts.tsv"],
+            args=["results/data/counts.tsv", "--configfile", failing],
         )  # fmt: skip
         specs["failing"]["broken"] = broken
     # d: an account Slurm does not know.
@@ -422,7 +442,14 @@ def test_each_stage_is_its_own_slurm_job(cluster, run_stages):
                 assert int(allocated["cpu"]) * 2000 == mem_mb, what
 
     assert_outputs(run.workdir, STAGE_OUTPUTS)
-    assert_outputs(run.workdir, [f"results/features/{key}/{split}.pt" for key in _feature_keys(run) for split in ("train", "val")])
+    assert_outputs(
+        run.workdir,
+        [
+            f"results/features/{key}/{split}.pt"
+            for key in _feature_keys(run)
+            for split in ("train", "val")
+        ],
+    )
     # Slurm's log of every job is kept under logs/slurm/, one file per job id.
     slurm_logs = {p.stem: p for p in (run.workdir / "logs" / "slurm").rglob("*.log")}
     assert set(slurm_logs) == set(rows), report
@@ -453,7 +480,9 @@ def test_one_allocation_runs_the_gpu_stages_in_one_job_with_one_gpu(cluster, run
     allocated = tres(group)
     assert group["State"] == "COMPLETED", report
     assert group["Partition"] == "gpu-shared", report
-    assert (allocated.get("gres/gpu"), allocated["cpu"], allocated["mem"]) == ("1", "10", "92G"), report
+    assert (allocated.get("gres/gpu"), allocated["cpu"], allocated["mem"]) == ("1", "10", "92G"), (
+        report
+    )
     assert group["Constraints"] == "lustre", report
     # The stages run one after the other, so the time limit is the sum of theirs.
     profile = load_profile(ONE_JOB)
@@ -511,7 +540,7 @@ def test_unknown_account_fails_before_any_submission(cluster, run_bad_account):
     assert run.job_ids == []
     assert run.run_id
     assert cluster.jobs_named(run.run_id, run.started_at) == []
-    assert not list((run.workdir / "logs").rglob("slurm/**/*.log"))
+    assert not list((run.workdir / "logs" / "slurm").rglob("*.log"))
     assert run.seconds < 120
 
 
@@ -527,8 +556,12 @@ def test_cancelled_finetune_is_retried_and_resumes(cluster, run_cancelled):
     report = run_report(run, rows)
 
     # Snakemake reports the failure with the job's Slurm log, then submits it once more.
-    assert f"SLURM-job '{cancelled['job']}' failed, SLURM status is: 'CANCELLED'" in run.output, report
-    slurm_log = run.workdir / "logs" / "slurm" / "rule_finetune" / "baseline" / f"{cancelled['job']}.log"
+    assert f"SLURM-job '{cancelled['job']}' failed, SLURM status is: 'CANCELLED'" in run.output, (
+        report
+    )
+    slurm_log = (
+        run.workdir / "logs" / "slurm" / "rule_finetune" / "baseline" / f"{cancelled['job']}.log"
+    )
     assert str(slurm_log) in run.output, report
     assert slurm_log.is_file()
     assert "Trying to restart job" in run.output, report
@@ -545,9 +578,13 @@ def test_cancelled_finetune_is_retried_and_resumes(cluster, run_cancelled):
     ]
     # ... and continued from the resume file instead of starting over.
     log = (run.workdir / "logs" / "finetune" / "baseline.log").read_text()
-    resumed = re.search(r"finetune: resuming after epoch (\d+) from results/\.resume/baseline/finetune\.pt", log)
+    resumed = re.search(
+        r"finetune: resuming after epoch (\d+) from results/\.resume/baseline/finetune\.pt", log
+    )
     assert resumed, log
     assert int(resumed.group(1)) >= max(1, cancelled["epochs_done"]), (cancelled, log)
     assert f"finetune epoch {int(resumed.group(1))}/" not in log  # not repeated
-    assert_outputs(run.workdir, ["results/baseline/finetune/model.pt", "results/baseline/finetune/history.tsv"])
+    assert_outputs(
+        run.workdir, ["results/baseline/finetune/model.pt", "results/baseline/finetune/history.tsv"]
+    )
     assert not (run.workdir / "results" / ".resume" / "baseline" / "finetune.pt").exists()

@@ -16,7 +16,6 @@ from conftest import write_images
 from PIL import Image
 from torch import nn
 from torch.utils.data import TensorDataset
-
 from transfer_learning import data, io, metrics, models, stages, train, verify
 from transfer_learning.data import MANIFEST_COLUMNS
 
@@ -50,7 +49,7 @@ def test_mobilenet_v2_blocks_and_course_trainable_parameters():
     model = models.build_backbone("mobilenet_v2")
     blocks = models.backbone_blocks(model)
     assert len(blocks) == 19
-    assert all(a is b for a, b in zip(blocks, model.features))
+    assert all(a is b for a, b in zip(blocks, model.features, strict=True))
     assert models.default_unfreeze_blocks(len(blocks)) == 5
 
     classifier = models.Classifier(model, models.Head(1280, 2))
@@ -91,9 +90,7 @@ def test_local_state_dict_loads_and_ignores_another_classifier(tmp_path):
     wrapped = tmp_path / "wrapped.pt"
     torch.save({"state_dict": source.state_dict(), "epoch": 3}, wrapped)
     again = models.build_backbone("mobilenet_v2", wrapped)
-    assert torch.equal(
-        again.features[0][0].weight, source.features[0][0].weight
-    )
+    assert torch.equal(again.features[0][0].weight, source.features[0][0].weight)
 
 
 def test_state_dict_of_another_architecture_names_keys(tmp_path):
@@ -164,7 +161,9 @@ def test_binary_and_multiclass_heads_losses_and_probabilities():
     loss3 = models.loss_function(3)(
         models.logits_for_loss(logits3, 3), models.loss_targets(labels3, 3)
     )
-    assert float(loss3) == pytest.approx(metrics.log_loss(labels3.numpy(), probs3.numpy()), rel=1e-6)
+    assert float(loss3) == pytest.approx(
+        metrics.log_loss(labels3.numpy(), probs3.numpy()), rel=1e-6
+    )
 
 
 # ---- metrics -----------------------------------------------------------------------------
@@ -301,11 +300,11 @@ def test_augmentation_same_with_zero_and_two_loader_workers(small_tree):
     _, root, manifest = small_tree
     records = data.split_records(data.read_manifest(manifest), "train")[:10]
     dataset = data.ImageDataset(root, records, ["cats", "dogs"], 32, MEAN, STD, views=2, seed=4)
-    dataset.set_epoch(3)
-    serial = _all_batches(data.make_loader(dataset, 4, workers=0))
-    parallel = _all_batches(data.make_loader(dataset, 4, workers=2))
+    serial = _all_batches(data.make_loader(dataset, 4, workers=0, seed=4, epoch=3))
+    loader = data.make_loader(dataset, 4, workers=2, seed=4, epoch=3)
+    parallel = _all_batches(loader)
     assert len(serial) == len(parallel) == 5
-    for (xs, ys), (xp, yp) in zip(serial, parallel):
+    for (xs, ys), (xp, yp) in zip(serial, parallel, strict=True):
         assert torch.equal(xs, xp) and torch.equal(ys, yp)
 
     images = torch.cat([x for x, _ in serial])
@@ -314,11 +313,14 @@ def test_augmentation_same_with_zero_and_two_loader_workers(small_tree):
     plain_transform = data.eval_transform(32, MEAN, STD)
     assert torch.equal(plain[0], plain_transform(data.load_rgb(root / records[0].path)))
     assert not torch.equal(plain, augmented)
-    # Another epoch draws other augmentations; the plain view does not change.
-    dataset.set_epoch(4)
-    other = torch.cat([x for x, _ in _all_batches(data.make_loader(dataset, 4))])
+    # Another epoch draws other augmentations; the plain view does not change. The same
+    # loader's workers (kept alive between epochs) follow the new epoch too.
+    other = torch.cat([x for x, _ in _all_batches(data.make_loader(dataset, 4, seed=4, epoch=4))])
     assert torch.equal(other[:10], plain)
     assert not torch.equal(other[10:], augmented)
+    loader.sampler.set_epoch(4)
+    again = torch.cat([x for x, _ in _all_batches(loader)])
+    assert torch.equal(again, other)
 
 
 def test_shuffled_order_depends_on_seed_and_epoch_only():
@@ -404,7 +406,9 @@ def test_fit_stops_early_and_keeps_the_best_epoch():
     assert [row["lr"] for row in result.history[:3]] == pytest.approx([0.025, 0.0375, 0.05])
     # The weights kept are the best epoch's: they give exactly its validation loss.
     model.load_state_dict(result.best_state)
-    loss, _ = train.evaluate(model, data.make_loader(val_set, 64), nn.BCEWithLogitsLoss(), 2, torch.device("cpu"))
+    loss, _ = train.evaluate(
+        model, data.make_loader(val_set, 64), nn.BCEWithLogitsLoss(), 2, torch.device("cpu")
+    )
     assert loss == pytest.approx(result.history[result.best_epoch - 1]["val_loss"], abs=1e-6)
 
 
@@ -531,13 +535,17 @@ def test_extracted_features_carry_their_identity(features):
 
 
 def _interrupt_training_loader(monkeypatch, at_epoch: int):
-    real = data.make_loader
+    """Make the stages' training loop receive SIGUSR1 one batch into epoch `at_epoch`."""
+    real_fit = stages.fit
 
-    def make_loader(dataset, batch_size, *, shuffle=False, epoch=0, **kwargs):
-        loader = real(dataset, batch_size, shuffle=shuffle, epoch=epoch, **kwargs)
-        return _StopAfter(loader, 1) if shuffle and epoch == at_epoch else loader
+    def fit(model, train_loader_for, *args, **kwargs):
+        def loader_for(epoch):
+            loader = train_loader_for(epoch)
+            return _StopAfter(loader, 1) if epoch == at_epoch else loader
 
-    monkeypatch.setattr(data, "make_loader", make_loader)
+        return real_fit(model, loader_for, *args, **kwargs)
+
+    monkeypatch.setattr(stages, "fit", fit)
 
 
 def _head(features, folder, name, resume=None):
@@ -590,7 +598,7 @@ def head_checkpoint(features, small_tree):
     return folder / "head.pt"
 
 
-def _finetune(small_tree, head_checkpoint, folder, name, resume=None, epochs=2):
+def _finetune(small_tree, head_checkpoint, folder, name, resume=None, epochs=2, workers=0):
     _, root, manifest = small_tree
     return stages.finetune(
         head_checkpoint=str(head_checkpoint),
@@ -610,7 +618,7 @@ def _finetune(small_tree, head_checkpoint, folder, name, resume=None, epochs=2):
         min_delta=0.0,
         seed=7,
         amp=True,
-        workers=0,
+        workers=workers,
         resume=str(resume) if resume else None,
         device="cpu",
     )
@@ -623,13 +631,14 @@ def test_finetune_resumes_to_the_same_result(
     assert full["trainable_parameters"] == pytest.approx(1.68e6, rel=0.01)
     resume = tmp_path / "resume" / "finetune.pt"
     _interrupt_training_loader(monkeypatch, at_epoch=2)
+    # The interrupted run has loader workers, as in a Slurm job: same numbers as without.
     with pytest.raises(train.TrainingInterrupted):
-        _finetune(small_tree, head_checkpoint, tmp_path, "cut", resume)
+        _finetune(small_tree, head_checkpoint, tmp_path, "cut", resume, workers=2)
     assert io.load_checkpoint(resume)["epoch"] == 1
     monkeypatch.undo()
 
     with caplog.at_level("INFO", logger="transfer_learning"):
-        resumed = _finetune(small_tree, head_checkpoint, tmp_path, "cut", resume)
+        resumed = _finetune(small_tree, head_checkpoint, tmp_path, "cut", resume, workers=2)
     assert "finetune: resuming after epoch 1" in caplog.text
     assert not resume.exists()
     assert _history_rows(tmp_path / "cut.tsv") == _history_rows(tmp_path / "full.tsv")
@@ -638,9 +647,16 @@ def test_finetune_resumes_to_the_same_result(
         assert torch.equal(resumed["model"][key], value), key
     # Fine tuning changed the last blocks and left the frozen ones alone.
     start = stages.model_from_checkpoint(io.load_checkpoint(head_checkpoint)).state_dict()
-    assert torch.equal(full["model"]["backbone.features.0.0.weight"], start["backbone.features.0.0.weight"])
-    assert torch.equal(full["model"]["backbone.features.13.conv.0.0.weight"], start["backbone.features.13.conv.0.0.weight"])
-    assert not torch.equal(full["model"]["backbone.features.18.0.weight"], start["backbone.features.18.0.weight"])
+    assert torch.equal(
+        full["model"]["backbone.features.0.0.weight"], start["backbone.features.0.0.weight"]
+    )
+    assert torch.equal(
+        full["model"]["backbone.features.13.conv.0.0.weight"],
+        start["backbone.features.13.conv.0.0.weight"],
+    )
+    assert not torch.equal(
+        full["model"]["backbone.features.18.0.weight"], start["backbone.features.18.0.weight"]
+    )
 
 
 def test_evaluate_matches_training_validation(small_tree, head_checkpoint, tmp_path):
@@ -662,14 +678,24 @@ def test_evaluate_matches_training_validation(small_tree, head_checkpoint, tmp_p
     assert rows[0]["loss"] == pytest.approx(checkpoint["best_val_loss"], abs=1e-4)
     predictions = io.read_tsv(tmp_path / "predictions.tsv")
     assert len(predictions) == 32
-    assert list(predictions[0]) == ["split", "path", "true", "predicted", "probability", "p_cats", "p_dogs"]
+    assert list(predictions[0]) == [
+        "split",
+        "path",
+        "true",
+        "predicted",
+        "probability",
+        "p_cats",
+        "p_dogs",
+    ]
     confusion = io.read_tsv(tmp_path / "confusion.tsv")
     for split in ("val", "test"):
         counted = {
             (r["true"], r["predicted"]): int(r["count"]) for r in confusion if r["split"] == split
         }
         listed = [(p["true"], p["predicted"]) for p in predictions if p["split"] == split]
-        assert counted == {pair: listed.count(pair) for pair in itertools.product(["cats", "dogs"], repeat=2)}
+        assert counted == {
+            pair: listed.count(pair) for pair in itertools.product(["cats", "dogs"], repeat=2)
+        }
 
 
 def test_pretrained_path_with_a_local_weights_file(small_tree, tmp_path):
@@ -684,11 +710,11 @@ def test_pretrained_path_with_a_local_weights_file(small_tree, tmp_path):
         seed=3, batch_size=16, device="cpu",
     )  # fmt: skip
     for split in ("train", "val"):
-        payload = stages.extract_features(split=split, output=str(tmp_path / f"{split}.pt"), **common)
+        payload = stages.extract_features(
+            split=split, output=str(tmp_path / f"{split}.pt"), **common
+        )
         assert "backbone_state" not in payload  # the weights file is the backbone
-    _head(
-        {"train": tmp_path / "train.pt", "val": tmp_path / "val.pt"}, tmp_path, "head"
-    )
+    _head({"train": tmp_path / "train.pt", "val": tmp_path / "val.pt"}, tmp_path, "head")
     outputs = dict(
         checkpoint=str(tmp_path / "head.pt"), manifest=str(manifest), data_root=str(root),
         splits=["val"], metrics_out=str(tmp_path / "m.tsv"),

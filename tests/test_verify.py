@@ -14,7 +14,6 @@ import shutil
 import pytest
 from conftest import assert_ok, job_stats, jobs, overlay, small_config, snakemake, write_images
 from PIL import Image
-
 from transfer_learning import data, verify
 from transfer_learning.io import read_tsv
 
@@ -130,11 +129,14 @@ def test_missing_and_empty_splits_reported_together(tree):
     shutil.rmtree(tree / "test")
     shutil.rmtree(tree / "val")
     (tree / "val").mkdir()
+    for image in (tree / "train" / "dogs").iterdir():
+        image.unlink()
     report = verify.verify_dataset(tree, SPLITS, COUNTS)
     assert "is missing" in _problem_for(report, "split folder test/")
     assert "no class folders" in _problem_for(report, "split val/")
-    # The intact training split is still checked and listed.
-    assert {row["split"] for row in report.manifest} == {"train"}
+    assert "contains no images" in _problem_for(report, "class folder train/dogs/")
+    # The rest of the training split is still checked and listed.
+    assert {(row["split"], row["class"]) for row in report.manifest} == {("train", "cats")}
 
 
 @pytest.mark.parametrize("kind", ["missing", "file"])
@@ -265,7 +267,9 @@ def test_rule_passes_with_oddities_hidden_files_and_a_warned_count(tmp_path):
     sorted((root / "test" / "dogs").iterdir())[0].unlink()  # one short: only warned
     counts = {**COUNTS, "train": {"cats": 4 + len(ODD_NAMES), "dogs": 4}}
     config = small_config("data/images", counts, data={"on_count_mismatch": "warn"})
-    proc = snakemake(workdir, "verify_dataset", "--configfile", overlay(tmp_path / "o.yaml", config))
+    proc = snakemake(
+        workdir, "verify_dataset", "--configfile", overlay(tmp_path / "o.yaml", config)
+    )
     assert_ok(proc, "verify_dataset")
     assert job_stats(proc.stdout) == {"verify_dataset": 1}
 
@@ -326,7 +330,12 @@ def test_rule_failure_lists_every_problem_and_starts_nothing_downstream(tmp_path
     started = {job["rule"] for job in jobs(proc.stdout)}
     assert started == {"verify_dataset"}, started
     assert "Error in rule verify_dataset" in proc.stdout
-    for absent in ("results/features", "results/baseline", "logs/extract_features", "results/summary.tsv"):
+    for absent in (
+        "results/features",
+        "results/baseline",
+        "logs/extract_features",
+        "results/summary.tsv",
+    ):
         assert not (workdir / absent).exists(), absent
     # And verify_dataset itself left no output behind for a later run to trust.
     assert not (workdir / "results/data/manifest.tsv").exists()
@@ -336,7 +345,9 @@ def test_rule_failure_lists_every_problem_and_starts_nothing_downstream(tmp_path
 def test_rule_names_a_missing_data_root(tmp_path):
     workdir = tmp_path / "work"
     config = small_config("data/nowhere", COUNTS)
-    proc = snakemake(workdir, "verify_dataset", "--configfile", overlay(tmp_path / "o.yaml", config))
+    proc = snakemake(
+        workdir, "verify_dataset", "--configfile", overlay(tmp_path / "o.yaml", config)
+    )
     assert proc.returncode != 0
     log = (workdir / "logs" / "verify_dataset.log").read_text()
     assert "data root data/nowhere does not exist (config key data.root)" in log

@@ -25,7 +25,6 @@ from conftest import (
     tail,
     write_images,
 )
-
 from transfer_learning.io import read_tsv
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
@@ -39,7 +38,14 @@ PREDICTION_COLUMNS = ["split", "path", "true", "predicted", "probability", "p_ca
 SUMMARY_FIRST_COLUMNS = ["experiment", "stage", "test_accuracy", "test_macro_f1", "test_roc_auc"]
 GPU_RULES = {"extract_features", "finetune", "evaluate"}
 # Rules up to and including the head: a change to fine tuning must never re-run them.
-BEFORE_FINETUNE = {"make_demo_data", "fetch_data", "fetch_weights", "verify_dataset", "extract_features", "train_head"}
+BEFORE_FINETUNE = {
+    "make_demo_data",
+    "fetch_data",
+    "fetch_weights",
+    "verify_dataset",
+    "extract_features",
+    "train_head",
+}
 
 
 def _columns(path):
@@ -99,7 +105,11 @@ def test_every_stage_output_exists_with_its_columns(small_run):
         assert _columns(folder / "confusion.tsv") == ["split", "true", "predicted", "count"]
         confusion = read_tsv(folder / "confusion.tsv")
         for split in ("val", "test"):
-            cells = {(r["true"], r["predicted"]): int(r["count"]) for r in confusion if r["split"] == split}
+            cells = {
+                (r["true"], r["predicted"]): int(r["count"])
+                for r in confusion
+                if r["split"] == split
+            }
             pairs = [(p["true"], p["predicted"]) for p in predictions if p["split"] == split]
             assert cells == {pair: pairs.count(pair) for pair in cells} and len(cells) == 4
             accuracy = next(float(m["accuracy"]) for m in metrics if m["split"] == split)
@@ -115,7 +125,8 @@ def test_every_stage_output_exists_with_its_columns(small_run):
     assert summary[0]["best"] == "yes"
     for row in summary:
         test = next(
-            m for m in read_tsv(small_run / f"results/baseline/eval/{row['stage']}/metrics.tsv")
+            m
+            for m in read_tsv(small_run / f"results/baseline/eval/{row['stage']}/metrics.tsv")
             if m["split"] == "test"
         )
         assert row["test_accuracy"] == test["accuracy"]
@@ -181,7 +192,7 @@ def _rule_blocks():
     for path in sorted((REPO / "rules").glob("*.smk")):
         text = path.read_text()
         starts = list(re.finditer(r"^[ \t]*rule (\w+):", text, re.M))
-        for match, following in zip(starts, starts[1:] + [None]):
+        for match, following in zip(starts, starts[1:] + [None], strict=True):
             end = following.start() if following else len(text)
             blocks[match.group(1)] = (path.name, text[match.start() : end])
     return blocks
@@ -197,7 +208,9 @@ def test_every_rule_declares_log_benchmark_threads_resources(tmp_path):
     assert names and names <= set(blocks), names - set(blocks)
     for name, (file, block) in blocks.items():
         for directive in ("log:", "benchmark:", "threads:", "resources:"):
-            assert re.search(rf"^\s+{directive}", block, re.M), f"{file}: rule {name} lacks {directive}"
+            assert re.search(rf"^\s+{directive}", block, re.M), (
+                f"{file}: rule {name} lacks {directive}"
+            )
         gpu = re.search(r"^\s+gpu\s*=\s*1\s*,?\s*$", block, re.M)
         assert bool(gpu) == (name in GPU_RULES), f"{file}: rule {name} gpu declaration"
 
@@ -231,7 +244,13 @@ def test_rerun_does_nothing(small_run):
 
 def test_forcerun_finetune_reruns_only_what_follows(small_run):
     proc = snakemake(
-        small_run, *STAGE_OUTPUTS, "-n", "--forcerun", "finetune", "--configfile", _config(small_run)
+        small_run,
+        *STAGE_OUTPUTS,
+        "-n",
+        "--forcerun",
+        "finetune",
+        "--configfile",
+        _config(small_run),
     )
     assert_ok(proc)
     stats = job_stats(proc.stdout)
@@ -296,6 +315,20 @@ def test_changed_images_rerun_verification_and_everything_after(small_run, tmp_p
         assert str(target.relative_to(workdir)) in verify["reason"], verify["reason"]
 
 
+@pytest.mark.xfail(
+    reason="rules/common.smk dataset_files() lists hidden files (.DS_Store, ._*) as inputs of "
+    "verify_dataset although verification skips them, so Finder litter re-runs every stage",
+    strict=True,
+)
+def test_hidden_file_changes_rerun_nothing(small_run, tmp_path):
+    workdir = copy_workdir(small_run, tmp_path / "work")
+    (workdir / SMALL_DATA / "train" / "cats" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (workdir / SMALL_DATA / "val" / "._dogs.1.jpg").write_bytes(b"\x00\x05\x16\x07")
+    proc = snakemake(workdir, *STAGE_OUTPUTS, "-n", "--configfile", _config(workdir))
+    assert_ok(proc)
+    assert "Nothing to be done" in proc.stdout, job_stats(proc.stdout)
+
+
 # ---- repeatability -----------------------------------------------------------------------
 
 
@@ -318,7 +351,9 @@ def test_two_runs_give_identical_results(small_run, tmp_path_factory):
         history = f"results/baseline/{stage}/history.tsv"
         assert _without(workdir / history, "seconds") == _without(small_run / history, "seconds")
     summary = "results/summary.tsv"
-    assert _without(workdir / summary, "train_seconds") == _without(small_run / summary, "train_seconds")
+    assert _without(workdir / summary, "train_seconds") == _without(
+        small_run / summary, "train_seconds"
+    )
     for split in ("train", "val"):
         first = torch.load(_feature_dir(small_run) / f"{split}.pt", weights_only=True)
         second = torch.load(_feature_dir(workdir) / f"{split}.pt", weights_only=True)
@@ -332,10 +367,22 @@ def test_local_weights_file_plans_no_download(tmp_path):
     import torchvision
 
     workdir = tmp_path / "work"
-    write_images(workdir / SMALL_DATA, {"train": {"cats": 2, "dogs": 2}, "val": {"cats": 1, "dogs": 1}, "test": {"cats": 1, "dogs": 1}}, size=32)
+    write_images(
+        workdir / SMALL_DATA,
+        {
+            "train": {"cats": 2, "dogs": 2},
+            "val": {"cats": 1, "dogs": 1},
+            "test": {"cats": 1, "dogs": 1},
+        },
+        size=32,
+    )
     torch.manual_seed(0)
     torch.save(torchvision.models.mobilenet_v2(num_classes=3).state_dict(), workdir / "mine.pth")
-    counts = {"train": {"cats": 2, "dogs": 2}, "val": {"cats": 1, "dogs": 1}, "test": {"cats": 1, "dogs": 1}}
+    counts = {
+        "train": {"cats": 2, "dogs": 2},
+        "val": {"cats": 1, "dogs": 1},
+        "test": {"cats": 1, "dogs": 1},
+    }
     config = small_config(SMALL_DATA, counts, model={"weights": "mine.pth"})
     proc = snakemake(workdir, "-n", "--configfile", overlay(tmp_path / "o.yaml", config))
     assert_ok(proc)
@@ -355,7 +402,9 @@ def test_demo_run_builds_its_data_and_every_result(demo_run):
     output = _output(demo_run)
     started = {j["rule"] for j in jobs(output)}
     assert {"make_demo_data", "verify_dataset", "finetune", "summarize"} <= started
-    expected = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())["data"]["expected_counts"]
+    expected = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())["data"][
+        "expected_counts"
+    ]
     counts = read_tsv(demo_run / "results/data/counts.tsv")
     assert {(r["split"], r["class"], r["found"], r["status"]) for r in counts} == {
         (split, label, str(n), "ok") for split, per in expected.items() for label, n in per.items()
