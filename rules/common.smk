@@ -199,18 +199,40 @@ def resume_path(wildcards, stage):
 # ---- input functions ---------------------------------------------------------------------
 
 
+def _visible_files(root):
+    """The files verify_dataset looks at: hidden files and folders (.DS_Store, ._*) are not."""
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root).parts
+        if path.is_file() and not any(part.startswith(".") for part in relative):
+            yield path
+
+
 def dataset_files(wildcards):
     """What verify_dataset reads: the data rule's output, or every file of the user's data.
 
     Listing the user's files makes Snakemake re-run verification (and so everything after
-    it) when an image is added, removed or replaced.
+    it) when an image is added, removed or replaced. Names with braces cannot be inputs
+    (Snakemake reads them as wildcards); `unlisted_files` tracks those instead.
     """
     if DATA.get("source"):
         return DATA_ROOT
     root = Path(DATA_ROOT)
     if not root.is_dir():
         return []
-    return sorted(str(p) for p in root.rglob("*") if p.is_file())
+    return [str(p) for p in _visible_files(root) if not re.search(r"[{}]", p.name)]
+
+
+def unlisted_files(wildcards):
+    """Size and modification time of the data files that cannot be listed as inputs."""
+    root = Path(DATA_ROOT)
+    if DATA.get("source") or not root.is_dir():
+        return ""
+    unlisted = [
+        (str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in _visible_files(root)
+        if re.search(r"[{}]", p.name)
+    ]
+    return tl_settings.digest(unlisted) if unlisted else ""
 
 
 def extraction_inputs(wildcards):

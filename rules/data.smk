@@ -72,6 +72,7 @@ rule verify_dataset:
         splits=DATA["splits"],
         expected=json.dumps(DATA["expected_counts"]),
         on_count_mismatch=DATA["on_count_mismatch"],
+        unlisted=unlisted_files,
     shell:
         "verify_dataset.py --root {params.root:q} --splits {params.splits:q}"
         " --expected-counts '{params.expected}' --on-count-mismatch {params.on_count_mismatch}"

@@ -48,6 +48,18 @@ def missing_requirements() -> str | None:
     return None
 
 
+def clean_env(**extra: str) -> dict:
+    """Environment of a Snakemake run: the venv first on PATH, none of the caller's Slurm
+    settings (an inherited SBATCH_ACCOUNT, SBATCH_QOS or SLURM_JOB_ID would change what
+    the profiles do), then `extra`."""
+    env = snake_env()
+    for name in list(env):
+        if name.startswith(("SBATCH_", "SLURM_", "SRUN_", "SALLOC_", "SNAKEMAKE_SLURM")):
+            del env[name]
+    env.update(extra)
+    return env
+
+
 def free_ports(count: int) -> list[int]:
     """Loopback ports nobody listens on right now, so a cluster of our own cannot clash."""
     sockets, ports = [], []
@@ -143,13 +155,8 @@ class Cluster:
         shim.chmod(0o755)
 
     def env(self, **extra: str) -> dict:
-        """Environment of a Snakemake run: the venv, this cluster, nothing of the caller's
-        Slurm settings (an inherited SBATCH_QOS or SLURM_JOB_ID would change the runs)."""
-        env = snake_env()
-        for name in list(env):
-            if name.startswith(("SBATCH_", "SLURM_", "SRUN_", "SALLOC_", "SNAKEMAKE_SLURM")):
-                del env[name]
-        env["SLURM_CONF"] = str(self.slurm_conf)
+        """Environment of a Snakemake run against this cluster (see clean_env)."""
+        env = clean_env(SLURM_CONF=str(self.slurm_conf))
         env["PATH"] = f"{self.bin}{os.pathsep}{env['PATH']}"
         env.update(extra)
         return env

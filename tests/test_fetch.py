@@ -24,7 +24,7 @@ from PIL import Image
 SCRIPTS = Path(__file__).parents[1] / "workflow_scripts"
 sys.path.insert(0, str(SCRIPTS))
 
-from transfer_learning import fetch
+from transfer_learning import fetch  # noqa: E402
 
 # ------------------------------------------------------------------ weights
 
@@ -72,9 +72,7 @@ def test_fetch_weights_rejects_wrong_hash(served_weights, tmp_path):
     dest_dir = tmp_path / "out"
     dest_dir.mkdir()
     with pytest.raises(fetch.FetchError, match="sha256 check failed"):
-        fetch.fetch_weights(
-            "mobilenet_v2", "DEFAULT", dest_dir / bad.name, url=bad.as_uri()
-        )
+        fetch.fetch_weights("mobilenet_v2", "DEFAULT", dest_dir / bad.name, url=bad.as_uri())
     assert os.listdir(dest_dir) == []
 
 
@@ -82,9 +80,7 @@ def test_fetch_weights_needs_hash_in_name(tmp_path):
     plain = tmp_path / "weights.pth"
     plain.write_bytes(b"x")
     with pytest.raises(fetch.FetchError, match="no '-<sha256 prefix>.'"):
-        fetch.fetch_weights(
-            "mobilenet_v2", "DEFAULT", tmp_path / "o.pth", url=plain.as_uri()
-        )
+        fetch.fetch_weights("mobilenet_v2", "DEFAULT", tmp_path / "o.pth", url=plain.as_uri())
 
 
 def test_resolve_weights_and_filename():
@@ -113,7 +109,7 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def _main_fails(script: str, *args: str) -> str:
-    """Run a script's main() in-process (a subprocess costs a torch import); return the exit message."""
+    """Run a script's main() in-process (a subprocess costs a torch import); return its message."""
     spec = importlib.util.spec_from_file_location(script, SCRIPTS / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -206,9 +202,7 @@ COUNTS = {
 
 def _tree(root: Path) -> dict[str, dict[str, list[str]]]:
     return {
-        split.name: {
-            cls.name: sorted(p.name for p in cls.iterdir()) for cls in split.iterdir()
-        }
+        split.name: {cls.name: sorted(p.name for p in cls.iterdir()) for cls in split.iterdir()}
         for split in root.iterdir()
     }
 
@@ -220,9 +214,7 @@ def no_network(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError(f"network access attempted: {args}")
 
-    monkeypatch.setattr(
-        "torchvision.datasets.oxford_iiit_pet.download_and_extract_archive", refuse
-    )
+    monkeypatch.setattr("torchvision.datasets.oxford_iiit_pet.download_and_extract_archive", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
@@ -240,9 +232,7 @@ def test_fetch_oxford_pets_layout(pet_dir, tmp_path, no_network):
                     assert (img.format, img.mode) == ("JPEG", "RGB")
                 breed = name.rsplit("_", 1)[0]
                 assert (cls == "cats") == (breed in {"Abyssinian", "Bengal"})
-    all_files = [
-        f for per_class in tree.values() for names in per_class.values() for f in names
-    ]
+    all_files = [f for per_class in tree.values() for names in per_class.values() for f in names]
     assert len(all_files) == len(set(all_files))  # no image in two splits
     assert report["counts"] == COUNTS
     assert report["available"] == {"cats": 10, "dogs": 12}
@@ -259,9 +249,7 @@ def test_fetch_oxford_pets_copies_rgb_jpeg_as_is(pet_dir, tmp_path):
     everything = {"train": {"cats": 10, "dogs": 12}}
     fetch.fetch_oxford_pets(root, everything, 0, pet_dir, download=False)
     src = pet_dir / "oxford-iiit-pet" / "images"
-    assert (root / "train/cats/Bengal_1.jpg").read_bytes() == (
-        src / "Bengal_1.jpg"
-    ).read_bytes()
+    assert (root / "train/cats/Bengal_1.jpg").read_bytes() == (src / "Bengal_1.jpg").read_bytes()
     with Image.open(root / "train/dogs/beagle_1.jpg") as img:
         assert img.mode == "RGB"  # the grayscale source was re-encoded
 
@@ -278,9 +266,7 @@ def test_fetch_oxford_pets_deterministic(pet_dir, tmp_path):
 
 def test_fetch_oxford_pets_too_few_images(pet_dir, tmp_path):
     counts = {"train": {"cats": 9, "dogs": 6}, "val": {"cats": 2, "dogs": 2}}
-    with pytest.raises(
-        fetch.FetchError, match="class 'cats' needs 11 valid images, only 10"
-    ):
+    with pytest.raises(fetch.FetchError, match="class 'cats' needs 11 valid images, only 10"):
         fetch.fetch_oxford_pets(tmp_path / "data", counts, 0, pet_dir, download=False)
     assert not (tmp_path / "data").exists()
     assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name] == []
@@ -288,9 +274,7 @@ def test_fetch_oxford_pets_too_few_images(pet_dir, tmp_path):
 
 def test_fetch_oxford_pets_unknown_class(pet_dir, tmp_path):
     with pytest.raises(ValueError, match=r"unknown classes \['birds'\]"):
-        fetch.fetch_oxford_pets(
-            tmp_path / "d", {"train": {"birds": 1}}, 0, pet_dir, False
-        )
+        fetch.fetch_oxford_pets(tmp_path / "d", {"train": {"birds": 1}}, 0, pet_dir, False)
 
 
 def test_fetch_oxford_pets_refuses_existing_root(pet_dir, tmp_path):
@@ -310,12 +294,8 @@ def test_fetch_oxford_pets_empty_root_is_fine(pet_dir, tmp_path):
 
 
 def test_fetch_oxford_pets_missing_without_download(tmp_path):
-    with pytest.raises(
-        fetch.FetchError, match="Dataset not found.*downloading was turned off"
-    ):
-        fetch.fetch_oxford_pets(
-            tmp_path / "d", COUNTS, 0, tmp_path / "empty", download=False
-        )
+    with pytest.raises(fetch.FetchError, match="Dataset not found.*downloading was turned off"):
+        fetch.fetch_oxford_pets(tmp_path / "d", COUNTS, 0, tmp_path / "empty", download=False)
 
 
 def test_fetch_data_script(pet_dir, tmp_path):
@@ -334,9 +314,7 @@ def test_fetch_data_script(pet_dir, tmp_path):
     assert len(list((root / "train" / "cats").glob("*.jpg"))) == 4
     assert "skipped 2 undecodable images" in proc.stderr
 
-    msg = _main_fails(
-        "fetch_data", *args, "--counts", '{"train": {"cats": 4, "dogs": 4}}'
-    )
+    msg = _main_fails("fetch_data", *args, "--counts", '{"train": {"cats": 4, "dogs": 4}}')
     assert msg.startswith("fetch_data: ") and "refusing to overwrite" in msg
 
 
@@ -351,9 +329,7 @@ def test_fetch_data_script_errors(pet_dir, tmp_path):
     ]
     msg = _main_fails("fetch_data", *args, "--no-download", "--counts", "{train")
     assert msg.startswith("fetch_data: --counts is not valid JSON")
-    msg = _main_fails(
-        "fetch_data", *args, "--no-download", "--counts", '{"train": {"cats": 99}}'
-    )
+    msg = _main_fails("fetch_data", *args, "--no-download", "--counts", '{"train": {"cats": 99}}')
     assert "class 'cats' needs 99 valid images, only 10 available" in msg
     msg = _main_fails("fetch_data", *args, "--no-download", "--counts", '{"train": 5}')
     assert msg.startswith("fetch_data: counts['train'] must map class -> number")

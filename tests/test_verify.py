@@ -351,3 +351,17 @@ def test_rule_names_a_missing_data_root(tmp_path):
     assert proc.returncode != 0
     log = (workdir / "logs" / "verify_dataset.log").read_text()
     assert "data root data/nowhere does not exist (config key data.root)" in log
+
+
+def test_rule_accepts_braces_in_file_names(tmp_path):
+    workdir = tmp_path / "work"
+    root = write_images(workdir / "data" / "images", COUNTS, size=32, seed=10)
+    (root / "train" / "cats" / "photo {1}.jpg").write_bytes(_jpeg_bytes((50, 150, 250)))
+    counts = {**COUNTS, "train": {"cats": 5, "dogs": 4}}
+    config = small_config("data/images", counts)
+    proc = snakemake(
+        workdir, "verify_dataset", "--configfile", overlay(tmp_path / "o.yaml", config)
+    )
+    assert_ok(proc, "verify_dataset")
+    paths = {row["path"] for row in read_tsv(workdir / "results" / "data" / "manifest.tsv")}
+    assert "train/cats/photo {1}.jpg" in paths
