@@ -416,3 +416,17 @@ def test_demo_run_builds_its_data_and_every_result(demo_run):
     again = snakemake(demo_run, "-n", "--configfile", REPO / "config" / "demo.yaml")
     assert_ok(again)
     assert "Nothing to be done" in again.stdout, tail(again.stdout)
+
+
+def test_demo_fine_tuning_beats_the_head_and_both_beat_chance(demo_run):
+    """The demo learns: the head on frozen random features, fine tuning much better.
+
+    Chance is 0.5 on the balanced two-class test split of 60 images; 0.6 is more than
+    1.5 standard errors above it, and fine tuning must gain on top of the head.
+    """
+    summary = {
+        r["stage"]: float(r["test_accuracy"]) for r in read_tsv(demo_run / "results/summary.tsv")
+    }
+    assert summary["head"] >= 0.6, summary
+    assert summary["finetune"] >= 0.8, summary
+    assert summary["finetune"] > summary["head"], summary
