@@ -31,6 +31,11 @@ rule finetune:
         patience=lambda w: exp_config(w)["finetune"]["patience"],
         min_delta=lambda w: exp_config(w)["finetune"]["min_delta"],
         amp=lambda w: "--amp" if exp_config(w)["finetune"]["amp"] else "--no-amp",
+        deterministic=lambda w: (
+            "--deterministic"
+            if exp_config(w)["finetune"]["deterministic"]
+            else "--no-deterministic"
+        ),
         seed=lambda w: exp_config(w)["seed"],
         max_workers=workers_cap(),
         resume=lambda w: resume_path(w, "finetune"),
@@ -41,6 +46,6 @@ rule finetune:
         " --batch-size {params.batch_size} --unfreeze-blocks {params.unfreeze_blocks}"
         " --warmup-epochs {params.warmup_epochs}"
         " --warmup-start-factor {params.warmup_start_factor} --patience {params.patience}"
-        " --min-delta {params.min_delta} {params.amp} --seed {params.seed}"
+        " --min-delta {params.min_delta} {params.amp} {params.deterministic} --seed {params.seed}"
         " --threads {threads} --max-workers {params.max_workers} --resume {params.resume:q}"
         " --output {output.model:q} --history {output.history:q} > {log:q} 2>&1"

@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--min-delta", type=float, required=True)
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--threads", type=int, default=cli.threads_default())
     parser.add_argument("--max-workers", type=int, default=8)
     parser.add_argument("--resume", type=cli.optional, default=None)
@@ -61,6 +62,7 @@ def main() -> None:
         min_delta=args.min_delta,
         seed=args.seed,
         amp=args.amp,
+        deterministic=args.deterministic,
         workers=data.loader_workers(args.threads, args.max_workers),
         resume=args.resume,
         device=args.device,

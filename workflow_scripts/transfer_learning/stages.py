@@ -7,6 +7,7 @@ from a test, or from a notebook on an interactive node.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,12 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     torch.manual_seed(seed)
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        # cuBLAS needs a fixed workspace for repeatable results; set before CUDA starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # warn_only: kernels without a deterministic version (some index_add/scatter
+    # backward passes on CUDA) warn in the log instead of stopping the run.
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def _pin(device: torch.device) -> bool:
@@ -269,13 +276,14 @@ def finetune(
     min_delta: float,
     seed: int,
     amp: bool = True,
+    deterministic: bool = True,
     workers: int = 0,
     resume: str | None = None,
     device: str = "auto",
     settings: dict | None = None,
 ) -> dict:
     """Train the last backbone blocks and the head together on augmented images."""
-    seed_everything(seed)
+    seed_everything(seed, deterministic)
     dev = pick_device(device)
     start = load_checkpoint(head_checkpoint)
     model = model_from_checkpoint(start, weights_file)
