@@ -357,7 +357,7 @@ def _toy_model(train_set, init_seed=0, lr=0.05):
     head = models.Head(8, 2, dropout=0.3)
     head.fit_standardisation(train_set.tensors[0])
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
-    scheduler = stages.constant_then_warmup(optimizer, 2, 0.5)
+    scheduler = stages.warmup_then_constant(optimizer, 2, 0.5)
     return head, optimizer, scheduler
 
 

@@ -73,7 +73,7 @@ def cached_head_training(features, labels, val, epochs, batch_size, device):
     head = models.Head(features.shape[1], 2).to(device)
     head.fit_standardisation(features)
     optimizer = torch.optim.Adam(head.parameters(), lr=1e-4)
-    scheduler = stages.constant_then_warmup(optimizer, 0, 1.0)
+    scheduler = stages.warmup_then_constant(optimizer, 0, 1.0)
     train_set = TensorDataset(features, labels)
     fit(
         head,

@@ -149,7 +149,7 @@ def _identity(payload: dict) -> dict:
     return {k: payload[k] for k in keys}
 
 
-def constant_then_warmup(optimizer, warmup_epochs: int, start_factor: float):
+def warmup_then_constant(optimizer, warmup_epochs: int, start_factor: float):
     """Linear warm-up from start_factor x lr over warmup_epochs, then constant lr."""
 
     def factor(epoch: int) -> float:
@@ -195,7 +195,7 @@ def train_head(
     train_set = TensorDataset(train["features"], train["labels"])
     val_loader = data.make_loader(TensorDataset(val["features"], val["labels"]), 1024)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
-    scheduler = constant_then_warmup(optimizer, 0, 1.0)
+    scheduler = warmup_then_constant(optimizer, 0, 1.0)
     settings = dict(settings or {}, epochs=epochs, lr=lr, batch_size=batch_size, dropout=dropout)
     result = fit(
         head,
@@ -318,7 +318,7 @@ def finetune(
         return train_loader
 
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    scheduler = constant_then_warmup(optimizer, warmup_epochs, warmup_start_factor)
+    scheduler = warmup_then_constant(optimizer, warmup_epochs, warmup_start_factor)
     settings = dict(
         settings or {},
         epochs=epochs,
