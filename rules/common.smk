@@ -274,10 +274,6 @@ def evaluate_inputs(wildcards):
     return inputs
 
 
-def evaluate_weights_arg(wildcards, input):
-    return input.get("weights", "none") if hasattr(input, "get") else "none"
-
-
 def summary_runs():
     runs = []
     for experiment in EXPERIMENTS:

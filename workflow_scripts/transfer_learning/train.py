@@ -13,7 +13,7 @@ import math
 import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -104,7 +104,6 @@ class FitResult:
     seconds: float
     resumed_from: int = 0
     stopped_early: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def pick_device(prefer: str = "auto") -> torch.device:
