@@ -20,8 +20,9 @@ if DATA.get("source") == "demo":
             counts=json.dumps(DATA["expected_counts"]),
             image_size=DATA["demo"]["image_size"],
             seed=config["seed"],
+            code=code_version("make_demo_data.py"),
         shell:
-            "make_demo_data.py --root {output:q} --counts '{params.counts}'"
+            "make_demo_data.py --data-root {output:q} --counts {params.counts:q}"
             " --image-size {params.image_size} --seed {params.seed} > {log:q} 2>&1"
 
 
@@ -47,13 +48,13 @@ if DATA.get("source") == "oxford_pets":
             seed=config["seed"],
             download_dir="resources/downloads",
         shell:
-            "fetch_data.py --root {output:q} --counts '{params.counts}'"
+            "fetch_data.py --data-root {output:q} --counts {params.counts:q}"
             " --seed {params.seed} --download-dir {params.download_dir:q} > {log:q} 2>&1"
 
 
 rule verify_dataset:
     input:
-        dataset_files,
+        dataset_input,
     output:
         manifest=MANIFEST,
         counts=COUNTS,
@@ -69,12 +70,10 @@ rule verify_dataset:
         runtime=30,
     params:
         root=DATA_ROOT,
-        splits=DATA["splits"],
-        expected=json.dumps(DATA["expected_counts"]),
-        on_count_mismatch=DATA["on_count_mismatch"],
-        unlisted=unlisted_files,
+        settings=DATA_SETTINGS,
+        listing=data_listing,
+        code=code_version("verify_dataset.py"),
     shell:
-        "verify_dataset.py --root {params.root:q} --splits {params.splits:q}"
-        " --expected-counts '{params.expected}' --on-count-mismatch {params.on_count_mismatch}"
+        "verify_dataset.py --data-root {params.root:q} --settings {params.settings:q}"
         " --threads {threads} --manifest {output.manifest:q} --counts {output.counts:q}"
         " > {log:q} 2>&1"

@@ -5,12 +5,11 @@ rule evaluate:
     input:
         unpack(evaluate_inputs),
     output:
-        metrics=report(
+        metrics=figure(
             "results/{experiment}/eval/{stage}/metrics.tsv",
-            caption="../report/metrics_tsv.rst",
-            category="{experiment}",
-            subcategory="{stage}",
-            labels={"figure": "metrics (TSV)", "stage": "{stage}"},
+            "metrics_tsv",
+            "metrics (TSV)",
+            stage="{stage}",
         ),
         predictions="results/{experiment}/eval/{stage}/predictions.tsv",
         confusion="results/{experiment}/eval/{stage}/confusion.tsv",
@@ -25,33 +24,33 @@ rule evaluate:
         gpu=1,
         mem_mb=16000,
         runtime=30,
+        loader_workers=loader_workers(),
     params:
         root=DATA_ROOT,
         splits=EVAL_SPLITS,
+        settings=stage_settings("evaluate"),
         weights_file=lambda w, input: input.get("weights", "none"),
-        batch_size=lambda w: exp_config(w)["evaluate"]["batch_size"],
-        max_workers=workers_cap(),
+        code=code_version("evaluate.py"),
     shell:
-        "evaluate.py --checkpoint {input.model:q}"
+        "evaluate.py --settings {params.settings:q} --checkpoint {input.model:q}"
         " --manifest {input.manifest:q} --data-root {params.root:q}"
         " --splits {params.splits:q} --weights-file {params.weights_file:q}"
-        " --batch-size {params.batch_size} --threads {threads}"
-        " --max-workers {params.max_workers} --metrics {output.metrics:q}"
-        " --predictions {output.predictions:q} --confusion {output.confusion:q}"
-        " > {log:q} 2>&1"
+        " --threads {threads} --max-workers {resources.loader_workers}"
+        " --metrics {output.metrics:q} --predictions {output.predictions:q}"
+        " --confusion {output.confusion:q} > {log:q} 2>&1"
 
 
 rule summarize:
     input:
-        [run["metrics"] for run in summary_runs()],
-        [run["checkpoint"] for run in summary_runs()],
+        [run["metrics"] for run in SUMMARY_RUNS],
+        [run["checkpoint"] for run in SUMMARY_RUNS],
     output:
-        report(
+        figure(
             SUMMARY,
-            caption="../report/summary_tsv.rst",
-            category="All experiments",
+            "summary_tsv",
+            "summary (TSV)",
+            category=REPORT_CATEGORY,
             subcategory="comparison",
-            labels={"figure": "summary (TSV)"},
         ),
     log:
         "logs/summarize.log",
@@ -64,9 +63,10 @@ rule summarize:
         mem_mb=1000,
         runtime=10,
     params:
-        runs=json.dumps(summary_runs()),
+        runs=json.dumps(SUMMARY_RUNS),
         test_split=TEST_SPLIT,
         sort_by=config["summary_metric"],
+        code=code_version("summarize.py"),
     shell:
-        "summarize.py --runs '{params.runs}' --test-split {params.test_split:q}"
+        "summarize.py --runs {params.runs:q} --test-split {params.test_split:q}"
         " --sort-by {params.sort_by} --output {output:q} > {log:q} 2>&1"

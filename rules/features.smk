@@ -20,8 +20,8 @@ rule fetch_weights:
         backbone=lambda w: WEIGHTS_TO_FETCH[f"resources/weights/{w.file}"]["backbone"],
         weights=lambda w: WEIGHTS_TO_FETCH[f"resources/weights/{w.file}"]["weights"],
     shell:
-        "fetch_weights.py --backbone {params.backbone}"
-        " --weights {params.weights} --out {output:q} > {log:q} 2>&1"
+        "fetch_weights.py --backbone {params.backbone:q}"
+        " --weights {params.weights:q} --output {output:q} > {log:q} 2>&1"
 
 
 rule extract_features:
@@ -40,25 +40,16 @@ rule extract_features:
         gpu=1,
         mem_mb=16000,
         runtime=30,
+        loader_workers=loader_workers(),
     params:
         root=DATA_ROOT,
         train_split=TRAIN_SPLIT,
-        backbone=lambda w: feature_settings(w)["backbone"],
-        weights=lambda w: feature_settings(w)["weights"],
-        weights_file=lambda w: weights_file_arg(feature_settings(w)),
-        image_size=lambda w: feature_settings(w)["image_size"],
-        mean=lambda w: feature_settings(w)["mean"],
-        std=lambda w: feature_settings(w)["std"],
-        views=extraction_views,
-        seed=lambda w: feature_settings(w)["seed"],
-        batch_size=lambda w: feature_settings(w)["batch_size"],
-        max_workers=workers_cap(),
+        settings=feature_settings,
+        weights_file=lambda w, input: input.get("weights", "none"),
+        code=code_version("extract_features.py"),
     shell:
-        "extract_features.py --manifest {input.manifest:q}"
+        "extract_features.py --settings {params.settings:q} --manifest {input.manifest:q}"
         " --data-root {params.root:q} --split {wildcards.split:q}"
-        " --train-split {params.train_split:q}"
-        " --backbone {params.backbone} --weights {params.weights}"
-        " --weights-file {params.weights_file:q} --image-size {params.image_size}"
-        " --mean {params.mean} --std {params.std} --augmented-views {params.views}"
-        " --seed {params.seed} --batch-size {params.batch_size} --threads {threads}"
-        " --max-workers {params.max_workers} --output {output:q} > {log:q} 2>&1"
+        " --train-split {params.train_split:q} --weights-file {params.weights_file:q}"
+        " --threads {threads} --max-workers {resources.loader_workers}"
+        " --output {output:q} > {log:q} 2>&1"

@@ -19,15 +19,10 @@ rule train_head:
         mem_mb=4000,
         runtime=15,
     params:
-        epochs=lambda w: exp_config(w)["head"]["epochs"],
-        lr=lambda w: exp_config(w)["head"]["lr"],
-        batch_size=lambda w: exp_config(w)["head"]["batch_size"],
-        dropout=lambda w: exp_config(w)["head"]["dropout"],
-        seed=lambda w: exp_config(w)["seed"],
+        settings=stage_settings("head"),
         resume=lambda w: resume_path(w, "head"),
+        code=code_version("train_head.py"),
     shell:
-        "train_head.py --train-features {input.train:q}"
-        " --val-features {input.val:q} --epochs {params.epochs} --lr {params.lr}"
-        " --batch-size {params.batch_size} --dropout {params.dropout} --seed {params.seed}"
-        " --resume {params.resume:q} --device cpu --output {output.model:q}"
-        " --history {output.history:q} > {log:q} 2>&1"
+        "train_head.py --settings {params.settings:q} --train-features {input.train:q}"
+        " --val-features {input.val:q} --resume {params.resume:q} --device cpu"
+        " --output {output.model:q} --history {output.history:q} > {log:q} 2>&1"

@@ -1,52 +1,31 @@
 # Figures and tables of every experiment, and their comparison, marked for the report:
 #   snakemake --report report.html   (or report.zip for large runs)
-# The report groups them by experiment (category) and stage (subcategory).
-
-HEAD_DIR = stage_dir("{experiment}", "head")
-FINETUNE_DIR = stage_dir("{experiment}", "finetune")
-EXPERIMENT_PLOTS = {
-    "learning_curves": "results/{experiment}/plots/learning_curves.png",
-    "metrics_table": "results/{experiment}/plots/metrics.html",
-}
-STAGE_PLOTS = {
-    "confusion_matrix": "results/{experiment}/plots/{stage}_confusion_matrix.png",
-    "roc_curve": "results/{experiment}/plots/{stage}_roc_curve.png",
-    "mistakes": "results/{experiment}/plots/{stage}_mistakes.png",
-}
-SUMMARY_PLOT = "results/plots/experiments.png"
-SUMMARY_TABLE = "results/plots/summary.html"
-REPORT_CATEGORY = "All experiments"
-# Everything above for every experiment and stage; all_targets() in common.smk adds these.
-REPORT_TARGETS = [
-    *expand(list(EXPERIMENT_PLOTS.values()), experiment=EXPERIMENTS),
-    *expand(list(STAGE_PLOTS.values()), experiment=EXPERIMENTS, stage=STAGES),
-    SUMMARY_PLOT,
-    SUMMARY_TABLE,
-]
+# The report groups them by experiment (category) and stage (subcategory); the paths and
+# the `figure` helper live in rules/common.smk.
 
 
 rule plot_experiment:
     input:
-        head_history=f"{HEAD_DIR}/history.tsv",
-        finetune_history=f"{FINETUNE_DIR}/history.tsv",
-        head_model=f"{HEAD_DIR}/model.pt",
-        finetune_model=f"{FINETUNE_DIR}/model.pt",
+        head_history=stage_file("{experiment}", "head", "history.tsv"),
+        finetune_history=stage_file("{experiment}", "finetune", "history.tsv"),
+        head_model=stage_file("{experiment}", "head", "model.pt"),
+        finetune_model=stage_file("{experiment}", "finetune", "model.pt"),
         head_metrics=eval_outputs("{experiment}", "head")[0],
         finetune_metrics=eval_outputs("{experiment}", "finetune")[0],
     output:
-        curves=report(
+        curves=figure(
             EXPERIMENT_PLOTS["learning_curves"],
-            caption="../report/learning_curves.rst",
-            category="{experiment}",
+            "learning_curves",
+            "learning curves",
             subcategory="both stages",
-            labels={"figure": "learning curves", "stage": "head + fine-tune"},
+            stage="head + fine-tune",
         ),
-        table=report(
+        table=figure(
             EXPERIMENT_PLOTS["metrics_table"],
-            caption="../report/metrics_table.rst",
-            category="{experiment}",
+            "metrics_table",
+            "metrics table",
             subcategory="both stages",
-            labels={"figure": "metrics table", "stage": "head + fine-tune"},
+            stage="head + fine-tune",
         ),
     log:
         "logs/plot_experiment/{experiment}.log",
@@ -58,6 +37,8 @@ rule plot_experiment:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        code=code_version("plot_experiment.py"),
     shell:
         "plot_experiment.py --experiment {wildcards.experiment:q}"
         " --head-history {input.head_history:q}"
@@ -75,26 +56,20 @@ rule plot_stage:
         predictions=eval_outputs("{experiment}", "{stage}")[1],
         confusion=eval_outputs("{experiment}", "{stage}")[2],
     output:
-        confusion_matrix=report(
+        confusion_matrix=figure(
             STAGE_PLOTS["confusion_matrix"],
-            caption="../report/confusion_matrix.rst",
-            category="{experiment}",
-            subcategory="{stage}",
-            labels={"figure": "confusion matrix", "stage": "{stage}"},
+            "confusion_matrix",
+            "confusion matrix",
+            stage="{stage}",
         ),
-        roc_curve=report(
-            STAGE_PLOTS["roc_curve"],
-            caption="../report/roc_curve.rst",
-            category="{experiment}",
-            subcategory="{stage}",
-            labels={"figure": "ROC curve", "stage": "{stage}"},
+        roc_curve=figure(
+            STAGE_PLOTS["roc_curve"], "roc_curve", "ROC curve", stage="{stage}"
         ),
-        mistakes=report(
+        mistakes=figure(
             STAGE_PLOTS["mistakes"],
-            caption="../report/mistakes.rst",
-            category="{experiment}",
-            subcategory="{stage}",
-            labels={"figure": "most confident mistakes", "stage": "{stage}"},
+            "mistakes",
+            "most confident mistakes",
+            stage="{stage}",
         ),
     log:
         "logs/plot_stage/{experiment}/{stage}.log",
@@ -111,6 +86,7 @@ rule plot_stage:
         root=DATA_ROOT,
         split=TEST_SPLIT,
         shown=16,
+        code=code_version("plot_stage.py"),
     shell:
         "plot_stage.py --experiment {wildcards.experiment:q}"
         " --stage {wildcards.stage} --predictions {input.predictions:q}"
@@ -125,19 +101,19 @@ rule plot_summary:
     input:
         SUMMARY,
     output:
-        chart=report(
+        chart=figure(
             SUMMARY_PLOT,
-            caption="../report/experiments.rst",
+            "experiments",
+            "test metrics per experiment",
             category=REPORT_CATEGORY,
             subcategory="comparison",
-            labels={"figure": "test metrics per experiment"},
         ),
-        table=report(
+        table=figure(
             SUMMARY_TABLE,
-            caption="../report/summary_table.rst",
+            "summary_table",
+            "summary table",
             category=REPORT_CATEGORY,
             subcategory="comparison",
-            labels={"figure": "summary table"},
         ),
     log:
         "logs/plot_summary.log",
@@ -151,6 +127,7 @@ rule plot_summary:
         runtime=10,
     params:
         metrics=["test_accuracy", "test_macro_f1"],
+        code=code_version("plot_summary.py"),
     shell:
         "plot_summary.py --summary {input:q} --metrics {params.metrics}"
         " --chart {output.chart:q} --table {output.table:q} > {log:q} 2>&1"

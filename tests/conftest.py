@@ -85,20 +85,22 @@ def snakemake(
     cores: int | None = 2,
     env: dict | None = None,
     cwd=None,
+    snakefile=None,
 ) -> subprocess.CompletedProcess:
     """Run the real snakemake CLI: `snakemake -s REPO/Snakefile -d workdir [--cores 2] *args`.
 
     Runs under `timeout -k 10 <timeout>` (exit status 124 when it ran out of time). The
     output of both streams is merged, in order, into `.stdout`; `.stderr` holds the same
     text, so either attribute works (Snakemake writes nearly everything to stderr).
-    `cores=None` leaves --cores out (for --lint, --list-rules, or a profile that sets it).
+    `cores=None` leaves --cores out (for --lint, --list-rules, or a profile that sets it);
+    `snakefile` runs another copy of the workflow.
     Put targets before `--configfile`, which takes every following word as a file.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     command = [
         "timeout", "-k", "10", str(timeout),
-        str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+        str(SNAKEMAKE), "-s", str(snakefile or REPO / "Snakefile"), "-d", str(workdir),
     ]  # fmt: skip
     if cores is not None:
         command += ["--cores", str(cores)]

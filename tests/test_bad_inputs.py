@@ -9,7 +9,9 @@ culprit, nothing downstream started), and valid oddities that must go through ev
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -18,6 +20,7 @@ from conftest import (
     SMALL_DATA,
     STAGE_OUTPUTS,
     assert_ok,
+    job_stats,
     overlay,
     small_config,
     snakemake,
@@ -120,3 +123,107 @@ def test_batch_size_larger_than_the_split_trains_one_batch_an_epoch(odd_run):
         history = list(csv.DictReader(handle, delimiter="\t"))
     assert len(history) == 2
     assert all(0.0 <= float(r["train_acc"]) <= 1.0 for r in history)
+
+
+# ---- names and values that break shell lines, odd modes, symbolic links -------------------
+
+# Quotes, $, backticks, ; and a newline in class names; CJK letters for the plots.
+HOSTILE_CLASSES = ["chien d'arrêt", 'say "$HOME" `id`; rm -rf $x', "猫\nneko"]
+HOSTILE_ROOT = 'data/it\'s "our" $data; `x`'
+HOSTILE_WEIGHTS = "resources/w'e$ights `v1`.pth"
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory):
+    """One real run on data whose names are hostile to any shell line.
+
+    Three classes named with quotes, `$`, backticks, `;`, a newline and CJK letters, under a
+    data root whose path has them too; a local weights file whose path has them, given as an
+    experiment's override; a 16-bit greyscale PNG; one class folder of the test split a
+    symbolic link to a folder elsewhere; 8 training images with batch size 7 (a last batch
+    of one image).
+    """
+    workdir = tmp_path_factory.mktemp("hostile")
+    counts = {"train": 3, "val": 2, "test": 2}
+    expected = {s: dict.fromkeys(HOSTILE_CLASSES, n) for s, n in counts.items()}
+    expected["train"][HOSTILE_CLASSES[2]] = 2
+    source = write_images(workdir / "generated", {s: {"a": 3, "b": 3, "c": 3} for s in counts})
+    root = workdir / HOSTILE_ROOT
+    elsewhere = workdir / "elsewhere"
+    for split, per_class in expected.items():
+        for (label, n), generated in zip(per_class.items(), "abc", strict=True):
+            target = root / split / label
+            if split == "test" and generated == "a":
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.symlink_to(elsewhere, target_is_directory=True)
+                target = elsewhere
+            target.mkdir(parents=True)
+            for image in sorted((source / split / generated).iterdir())[:n]:
+                (target / image.name).write_bytes(image.read_bytes())
+    gradient = np.tile(np.linspace(0, 65535, 48).astype("<u2"), (48, 1))
+    Image.frombytes("I;16", (48, 48), gradient.tobytes()).save(
+        root / "train" / HOSTILE_CLASSES[0] / "grey16.png"
+    )
+    expected["train"][HOSTILE_CLASSES[0]] += 1
+    weights = workdir / HOSTILE_WEIGHTS
+    weights.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), weights)
+    config = small_config(
+        HOSTILE_ROOT,
+        expected,
+        head={"batch_size": 7},
+        finetune={"batch_size": 7, "epochs": 1},
+        experiments={"baseline": {"model": {"weights": HOSTILE_WEIGHTS}}},
+    )
+    config["data"]["near_duplicate_distance"] = 0  # generated shapes of one class look alike
+    run = snakemake(workdir, "--configfile", overlay(workdir / "c.yaml", config), timeout=600)
+    (workdir / "snakemake_output.txt").write_text(run.stdout)
+    assert_ok(run, "run on hostile names")
+    return workdir, root, expected
+
+
+def _tsv(path):
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+def test_hostile_names_reach_every_stage_intact(hostile_run):
+    workdir, _, expected = hostile_run
+    manifest = _tsv(workdir / "results/data/manifest.tsv")
+    assert sorted({r["class"] for r in manifest}) == sorted(HOSTILE_CLASSES)
+    assert len(manifest) == sum(sum(per.values()) for per in expected.values())
+    metrics = _tsv(workdir / "results/baseline/eval/finetune/metrics.tsv")
+    for label in HOSTILE_CLASSES:
+        assert f"recall_{label}" in metrics[0]
+    assert all(0.0 <= float(r["roc_auc"]) <= 1.0 for r in metrics)  # 3 classes: macro OvR
+    predictions = _tsv(workdir / "results/baseline/eval/head/predictions.tsv")
+    assert {f"p_{label}" for label in HOSTILE_CLASSES} <= set(predictions[0])
+    assert {r["true"] for r in predictions} == set(HOSTILE_CLASSES)
+    features = torch.load(
+        next((workdir / "results/features").glob("*/train.pt")), weights_only=True
+    )
+    assert features["weights"].startswith("file-")
+    assert "grey16.png" in " ".join(features["paths"])
+    for plot in ("head_confusion_matrix.png", "finetune_mistakes.png", "learning_curves.png"):
+        assert (workdir / "results/baseline/plots" / plot).stat().st_size > 5_000
+
+
+def test_symlinked_class_folder_is_verified_and_tracked(hostile_run, tmp_path):
+    workdir, root, _ = hostile_run
+    manifest = _tsv(workdir / "results/data/manifest.tsv")
+    linked = [r for r in manifest if r["split"] == "test" and r["class"] == HOSTILE_CLASSES[0]]
+    assert len(linked) == 2
+    config = workdir / "c.yaml"
+    assert "Nothing to be done" in snakemake(workdir, "-n", "--configfile", config).stdout
+    image = workdir / "elsewhere" / Path(linked[0]["path"]).name
+    original = image.read_bytes()
+    try:
+        (workdir / "elsewhere" / ".DS_Store").write_bytes(b"junk")
+        assert "Nothing to be done" in snakemake(workdir, "-n", "--configfile", config).stdout
+        image.write_bytes(original + b"\0")  # replaced behind the link
+        dry = snakemake(workdir, "-n", "--configfile", config)
+        assert "verify_dataset" in job_stats(dry.stdout), dry.stdout[-3000:]
+    finally:
+        image.write_bytes(original)
+        (workdir / "elsewhere" / ".DS_Store").unlink()

@@ -75,6 +75,16 @@ BAD_VALUES = {
         {"experiments": {"baseline": {}, "fast": {"head": {"lr": -2}}}},
         ["experiments.fast"],
     ),
+    "grid_point_named_like_an_experiment": (
+        {
+            "experiments": {
+                "baseline": {},
+                "ft_lr0.001": {"head": {"epochs": 2}},
+                "ft": {"grid": {"finetune.lr": [0.001, 0.01]}},
+            }
+        },
+        ["'ft_lr0.001'", "experiments.ft_lr0.001", "grid of experiments.ft"],
+    ),
     "unknown_section_in_experiment": (
         {"experiments": {"baseline": {}, "typo": {"hed": {"lr": 0.1}}}},
         ["experiments.typo", "hed"],
@@ -448,3 +458,34 @@ def test_demo_config_is_valid_on_its_own():
     merged = settings.deep_merge(base, demo)
     merged["data"]["expected_counts"] = demo["data"]["expected_counts"]
     assert settings.schema_errors(merged, schema) == []
+
+
+def test_numbers_written_without_a_dot_are_numbers(tmp_path, tiny_data):
+    """YAML reads `1e-5` as text; the workflow reads it as the number the user meant."""
+    root, counts = tiny_data
+    config = overlay(tmp_path / "c.yaml", small_config(str(root), counts))
+    text = config.read_text().replace("lr: 0.0001", "lr: 1e-5")
+    assert "lr: 1e-5" in text
+    config.write_text(text + "experiments:\n  baseline: {}\n  slow: {head: {lr: 5e-4}}\n")
+    proc = snakemake(tmp_path / "work", "-n", "-p", "--configfile", config, timeout=120)
+    assert_ok(proc)
+    assert "read config key finetune.lr as a number" in proc.stdout
+    assert '"lr": 1e-05' in proc.stdout
+    assert '"lr": 0.0005' in proc.stdout  # in an experiment's overrides too
+
+
+def test_numbers_from_text_touches_only_number_keys():
+    schema = {
+        "type": "object",
+        "properties": {
+            "lr": {"type": "number"},
+            "name": {"type": "string"},
+            "nested": {"type": "object", "properties": {"x": {"type": ["number", "null"]}}},
+        },
+    }
+    config = {"lr": "1e-05", "name": "1e-05", "nested": {"x": "2E3"}}
+    changed = settings.numbers_from_text(config, schema)
+    assert config == {"lr": 1e-05, "name": "1e-05", "nested": {"x": 2000.0}}
+    assert sorted(changed) == ["lr", "nested.x"]
+    config = {"lr": "fast"}
+    assert settings.numbers_from_text(config, schema) == [] and config == {"lr": "fast"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
+import logging
 import os
 import random
 import socket
@@ -24,7 +25,8 @@ from PIL import Image
 SCRIPTS = Path(__file__).parents[1] / "workflow_scripts"
 sys.path.insert(0, str(SCRIPTS))
 
-from transfer_learning import fetch  # noqa: E402
+from transfer_learning import cli, fetch, models  # noqa: E402
+from transfer_learning.errors import UserError  # noqa: E402
 
 # ------------------------------------------------------------------ weights
 
@@ -83,19 +85,24 @@ def test_fetch_weights_needs_hash_in_name(tmp_path):
         fetch.fetch_weights("mobilenet_v2", "DEFAULT", tmp_path / "o.pth", url=plain.as_uri())
 
 
+def test_fetch_error_is_a_user_error():
+    # cli.run prints exactly these as one line; anything else keeps its traceback.
+    assert issubclass(fetch.FetchError, UserError)
+
+
 def test_resolve_weights_and_filename():
-    weights = fetch.resolve_weights("mobilenet_v2", "DEFAULT")
+    weights = models.resolve_weights("mobilenet_v2", "DEFAULT")
     assert weights.name == "IMAGENET1K_V2"
-    assert fetch.weights_filename(weights) == "mobilenet_v2-7ebf99e0.pth"
-    v1 = fetch.resolve_weights("mobilenet_v2", "IMAGENET1K_V1")
-    assert fetch.weights_filename(v1) == "mobilenet_v2-b0353104.pth"
+    assert models.weights_filename(weights) == "mobilenet_v2-7ebf99e0.pth"
+    v1 = models.resolve_weights("mobilenet_v2", "IMAGENET1K_V1")
+    assert models.weights_filename(v1) == "mobilenet_v2-b0353104.pth"
 
 
 def test_resolve_weights_unknown_names():
-    with pytest.raises(ValueError, match="unknown backbone 'nonet'.*mobilenet_v2"):
-        fetch.resolve_weights("nonet", "DEFAULT")
-    with pytest.raises(ValueError, match="IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT"):
-        fetch.resolve_weights("mobilenet_v2", "IMAGENET9K")
+    with pytest.raises(UserError, match="unknown backbone 'nonet'.*mobilenet_v2"):
+        models.resolve_weights("nonet", "DEFAULT")
+    with pytest.raises(UserError, match="IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT"):
+        models.resolve_weights("mobilenet_v2", "IMAGENET9K")
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -108,31 +115,42 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def _main_fails(script: str, *args: str) -> str:
-    """Run a script's main() in-process (a subprocess costs a torch import); return its message."""
+def _load_script(script: str):
     spec = importlib.util.spec_from_file_location(script, SCRIPTS / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    with pytest.raises(SystemExit) as exc:
-        module.main(list(args))
-    assert isinstance(exc.value.code, str)  # a message, not a bare status
-    return exc.value.code
+    return module
+
+
+def _main_fails(caplog, script: str, *args: str) -> str:
+    """Run a script as its __main__ does, in-process (a subprocess costs a torch import).
+
+    Returns the one error line cli.run logs; the run must end with a non-zero status.
+    """
+    module = _load_script(script)
+    caplog.clear()
+    with caplog.at_level(logging.INFO), pytest.raises(SystemExit) as exc:
+        cli.run(script, lambda: module.main(list(args)))
+    assert exc.value.code not in (0, None)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    return errors[0]
 
 
 def test_fetch_weights_script(served_weights, tmp_path):
     served, _ = served_weights
     out = tmp_path / "w" / served.name
-    args = ["--backbone", "mobilenet_v2", "--weights", "DEFAULT", "--out", str(out)]
+    args = ["--backbone", "mobilenet_v2", "--weights", "DEFAULT", "--output", str(out)]
     proc = _run("fetch_weights.py", *args, "--url", served.as_uri())
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes() == served.read_bytes()
     assert "fetch_weights: ok" in proc.stderr
 
 
-def test_fetch_weights_script_errors(tmp_path):
+def test_fetch_weights_script_errors(tmp_path, caplog):
     out = str(tmp_path / "w.pth")
     msg = _main_fails(
-        "fetch_weights", "--backbone", "mobilenet_v2", "--weights", "NOPE", "--out", out
+        caplog, "fetch_weights", "--backbone", "mobilenet_v2", "--weights", "NOPE", "--output", out
     )
     assert msg.startswith("fetch_weights: unknown weights 'NOPE'")
     missing = (tmp_path / "gone-12345678.pth").as_uri()
@@ -141,12 +159,12 @@ def test_fetch_weights_script_errors(tmp_path):
         "mobilenet_v2",
         "--weights",
         "DEFAULT",
-        "--out",
+        "--output",
         out,
         "--url",
         missing,
     ]
-    msg = _main_fails("fetch_weights", *args)
+    msg = _main_fails(caplog, "fetch_weights", *args)
     assert msg.startswith(f"fetch_weights: cannot download {missing}: ")
     assert not Path(out).exists()
 
@@ -298,10 +316,10 @@ def test_fetch_oxford_pets_missing_without_download(tmp_path):
         fetch.fetch_oxford_pets(tmp_path / "d", COUNTS, 0, tmp_path / "empty", download=False)
 
 
-def test_fetch_data_script(pet_dir, tmp_path):
+def test_fetch_data_script(pet_dir, tmp_path, caplog):
     root = tmp_path / "data"
     args = [
-        "--root",
+        "--data-root",
         str(root),
         "--seed",
         "3",
@@ -314,22 +332,26 @@ def test_fetch_data_script(pet_dir, tmp_path):
     assert len(list((root / "train" / "cats").glob("*.jpg"))) == 4
     assert "skipped 2 undecodable images" in proc.stderr
 
-    msg = _main_fails("fetch_data", *args, "--counts", '{"train": {"cats": 4, "dogs": 4}}')
+    msg = _main_fails(caplog, "fetch_data", *args, "--counts", '{"train": {"cats": 4, "dogs": 4}}')
     assert msg.startswith("fetch_data: ") and "refusing to overwrite" in msg
 
 
-def test_fetch_data_script_errors(pet_dir, tmp_path):
+def test_fetch_data_script_errors(pet_dir, tmp_path, caplog, capsys):
     args = [
-        "--root",
+        "--data-root",
         str(tmp_path / "d"),
         "--seed",
         "0",
         "--download-dir",
         str(pet_dir),
+        "--no-download",
     ]
-    msg = _main_fails("fetch_data", *args, "--no-download", "--counts", "{train")
-    assert msg.startswith("fetch_data: --counts is not valid JSON")
-    msg = _main_fails("fetch_data", *args, "--no-download", "--counts", '{"train": {"cats": 99}}')
+    # Bad JSON is an argument error: argparse names the option and exits with status 2.
+    with pytest.raises(SystemExit) as exc:
+        _load_script("fetch_data").main([*args, "--counts", "{train"])
+    assert exc.value.code == 2
+    assert "fetch_data: error: argument --counts: not valid JSON" in capsys.readouterr().err
+    msg = _main_fails(caplog, "fetch_data", *args, "--counts", '{"train": {"cats": 99}}')
     assert "class 'cats' needs 99 valid images, only 10 available" in msg
-    msg = _main_fails("fetch_data", *args, "--no-download", "--counts", '{"train": 5}')
+    msg = _main_fails(caplog, "fetch_data", *args, "--counts", '{"train": 5}')
     assert msg.startswith("fetch_data: counts['train'] must map class -> number")

@@ -5,16 +5,24 @@ Real matplotlib, real PNG and JPEG files; every figure is opened again with PIL.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 from conftest import REPO, SCRIPTS, write_images
+from helpers import stage_checkpoint
+from matplotlib import font_manager
+from matplotlib.ft2font import FT2Font
+from matplotlib.text import Text
 from PIL import Image
-from transfer_learning import metrics, plots
-from transfer_learning.io import read_tsv, save_checkpoint, write_tsv
+from transfer_learning import checkpoint, metrics, plots
+from transfer_learning.demo import make_demo_dataset
+from transfer_learning.io import read_tsv, write_tsv
 
 DPI = plots.DPI
 
@@ -144,7 +152,7 @@ def test_confusion_counts_of_one_split():
 
 def test_confusion_matrix_png(tmp_path):
     out = tmp_path / "cm.png"
-    plots.confusion_matrix(CONFUSION, "test", ["cats", "dogs"], out, title="baseline")
+    plots.plot_confusion_matrix(CONFUSION, "test", ["cats", "dogs"], out, title="baseline")
     assert_png(out, inches(5.8, 4.8), min_bytes=15_000)
 
 
@@ -156,7 +164,7 @@ def test_confusion_matrix_many_classes(tmp_path):
         for p in classes
     ]
     out = tmp_path / "cm.png"
-    plots.confusion_matrix(rows, "test", classes, out)
+    plots.plot_confusion_matrix(rows, "test", classes, out)
     width, height = assert_png(out)
     assert height > inches(5.8, 4.8)[1]  # grows with the classes
 
@@ -177,7 +185,7 @@ def test_roc_two_classes_matches_metrics(tmp_path):
     assert curve["auc"] == pytest.approx(metrics.roc_auc(true, score))
     assert curve["decision"] == pytest.approx((1 / 3, 2 / 3))
     out = tmp_path / "roc.png"
-    plots.roc_curve(rows, out, title="baseline, fine-tune")
+    plots.plot_roc_curve(rows, out, title="baseline, fine-tune")
     assert_png(out, inches(6.2, 6.0), min_bytes=20_000)
 
 
@@ -192,7 +200,7 @@ def test_roc_three_classes_one_vs_rest(tmp_path):
     assert all(0.5 < c["auc"] <= 1 for c in curves)
     assert all(c["fpr"][0] == 0 and c["tpr"][-1] == 1 for c in curves)
     out = tmp_path / "roc.png"
-    plots.roc_curve(rows, out)
+    plots.plot_roc_curve(rows, out)
     assert_png(out, inches(6.2, 6.0))
 
 
@@ -201,7 +209,7 @@ def test_roc_split_with_one_class_has_no_auc(tmp_path):
     (curve,) = plots.roc_curves(rows)
     assert math.isnan(curve["auc"])
     assert curve["decision"] is None
-    plots.roc_curve(rows, tmp_path / "roc.png")
+    plots.plot_roc_curve(rows, tmp_path / "roc.png")
     assert_png(tmp_path / "roc.png")
 
 
@@ -261,6 +269,207 @@ def test_mistakes_gallery_without_mistakes(image_root, tmp_path):
     out = tmp_path / "mistakes.png"
     plots.mistakes_gallery(rows, image_root, out)
     assert_png(out, inches(7, 2.4), min_bytes=3_000)
+
+
+# ---- legibility: no text overlaps, every letter has a glyph ---------------------------------
+
+LONG_TRUE = "Staffordshire_bull_terrier_with_a_very_long_class_name"
+LONG_PREDICTED = "American_pit_bull_terrier_also_with_a_long_name"
+CJK = ("猫", "犬")
+
+
+def text_boxes(fig):
+    """(text, window extent) of every visible, non-empty text of the drawn figure."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    return [
+        (t, t.get_window_extent(renderer))
+        for t in fig.findobj(Text)
+        if t.get_visible() and t.get_text().strip()
+    ]
+
+
+def assert_legible(fig):
+    """No two texts overlap, no text overlaps another axes' image or leaves the figure."""
+    boxes = text_boxes(fig)
+    assert boxes
+    for text, box in boxes:
+        inside = fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 + 0.5
+        assert inside and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1 + 0.5, (
+            f"{text.get_text()!r} leaves the figure: {box} not in {fig.bbox}"
+        )
+    for i, (a, box_a) in enumerate(boxes):
+        for b, box_b in boxes[i + 1 :]:
+            assert not box_a.overlaps(box_b), f"{a.get_text()!r} overlaps {b.get_text()!r}"
+    for text, box in boxes:
+        for ax in fig.axes:
+            if text.axes is not ax:
+                assert not box.overlaps(ax.get_window_extent()), (
+                    f"{text.get_text()!r} overlaps an image"
+                )
+
+
+def gallery_rows(root, n, true, predicted, long_files=False):
+    """`n` mistakes of the test split: real images of `root`, every third one missing."""
+    paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpg"))
+    rows = []
+    for i in range(n):
+        path = paths[i % len(paths)] if i % 3 else f"test/missing_{i}.jpg"
+        if long_files:
+            path = f"test/{'a_very_long_file_name_from_a_camera_' * 3}{i}.jpeg"
+        (row,) = predictions([true, predicted], [(true, predicted, 0.99 - 0.01 * i)])
+        rows.append({**row, "path": path})
+    return rows
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 16, 17, 40])
+def test_mistakes_gallery_texts_never_overlap(image_root, n):
+    rows = gallery_rows(image_root, n, LONG_TRUE, LONG_PREDICTED, long_files=n % 2 == 1)
+    title = "an_experiment_with_a_long_name, fine-tune"
+    fig = plots.mistakes_figure(rows, image_root, n=n, title=title)
+    assert len([ax for ax in fig.axes if ax.images or ax.texts]) == n
+    assert_legible(fig)
+    texts = [t.get_text() for t, _ in text_boxes(fig)]
+    assert sum(t.startswith("true: Staffordshire_bull") and "…" in t for t in texts) == n
+    if n % 2:
+        assert sum(t.startswith("a_very_long_file_name") and "…" in t for t in texts) == n
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo") / "images"
+    make_demo_dataset(root, {"test": {"circles": 8, "squares": 8}})
+    return root
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
+def test_mistakes_gallery_of_the_demo_never_overlaps(demo_root, n):
+    """The demo's images and names: file names used to leave the figure or hit the titles."""
+    rows = []
+    for i, path in enumerate(sorted(demo_root.rglob("*.jpg"))):
+        true = path.parent.name
+        wrong = {"circles": "squares", "squares": "circles"}[true] if i < n else true
+        (row,) = predictions(["circles", "squares"], [(true, wrong, 0.6 + 0.02 * i)])
+        rows.append({**row, "path": path.relative_to(demo_root).as_posix()})
+    fig = plots.mistakes_figure(rows, demo_root, title="baseline, fine-tune")
+    assert_legible(fig)
+    texts = " ".join(t.get_text() for t, _ in text_boxes(fig))
+    assert "true: circles" in texts and "predicted: squares (" in texts
+    assert "…" not in texts  # short names are not cut
+
+
+def test_mistakes_gallery_without_mistakes_is_legible(image_root):
+    rows = real_predictions(image_root, {})
+    fig = plots.mistakes_figure(rows, image_root, title="x" * 80 + " fine-tune")
+    assert_legible(fig)
+
+
+@functools.cache
+def system_font_has(letters):
+    """Whether any font file of the system has all `letters` (independent of plots)."""
+    for path in font_manager.findSystemFonts():
+        try:
+            charmap = FT2Font(path).get_charmap()
+        except (OSError, RuntimeError, ValueError):
+            continue
+        if all(ord(c) in charmap for c in letters):
+            return True
+    return False
+
+
+needs_cjk_font = pytest.mark.skipif(
+    not system_font_has("".join(CJK)),
+    reason=f"no installed font has {CJK}: apt-get install fonts-wqy-microhei",
+)
+
+
+def cjk_figures(root):
+    cat, dog = CJK
+    rows = predictions(
+        [cat, dog],
+        [(cat, dog, 0.9), (dog, cat, 0.8), (cat, cat, 0.7), (dog, dog, 0.6)],
+    )
+    confusion = [
+        {"split": "test", "true": t, "predicted": p, "count": "3"} for t in CJK for p in CJK
+    ]
+    title = f"{cat}{dog}, fine-tune"
+    return [
+        plots.confusion_matrix_figure(confusion, "test", list(CJK), title),
+        plots.roc_curve_figure(rows, title=title),
+        plots.mistakes_figure(rows, root, title=title),
+    ]
+
+
+@needs_cjk_font
+def test_cjk_class_names_are_drawn_with_a_font_that_has_them(image_root, caplog):
+    caplog.set_level(logging.WARNING)
+    figures = cjk_figures(image_root)
+    for fig in figures:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            boxes = text_boxes(fig)
+        assert not [str(w.message) for w in caught if "missing from font" in str(w.message)]
+        cjk_texts = [t for t, _ in boxes if set(t.get_text()) & set(CJK)]
+        assert cjk_texts
+        for text in cjk_texts:
+            fonts = [
+                font_manager.findfont(
+                    font_manager.FontProperties(family=[family]), fallback_to_default=False
+                )
+                for family in text.get_fontfamily()
+            ]
+            charmaps = [FT2Font(f, face_index=f.face_index).get_charmap() for f in fonts]
+            for letter in set(text.get_text()) & set(CJK):
+                assert any(ord(letter) in charmap for charmap in charmaps), (text, fonts)
+    assert_legible(figures[2])
+    assert not [r for r in caplog.records if r.name == plots.__name__]
+
+
+@needs_cjk_font
+def test_font_lookup_finds_a_font_matplotlib_did_not_list(monkeypatch):
+    """A font installed after matplotlib cached its font list is still found."""
+    cjk = {ord(c) for c in CJK}
+    listed = [
+        e for e in font_manager.fontManager.ttflist if not cjk & plots._charmap(e.fname, e.index)
+    ]
+    monkeypatch.setattr(font_manager.fontManager, "ttflist", listed)
+    plots.font_family_for.cache_clear()
+    try:
+        family = plots.font_family_for("".join(CJK))
+        assert family is not None
+        path = font_manager.findfont(
+            font_manager.FontProperties(family=[family]), fallback_to_default=False
+        )
+        assert cjk <= set(FT2Font(path, face_index=path.face_index).get_charmap())
+    finally:
+        plots.font_family_for.cache_clear()
+
+
+def test_missing_font_is_one_warning_and_the_plots_are_drawn(
+    image_root, tmp_path, monkeypatch, caplog
+):
+    """No installed font has the letters: every plot is drawn, one warning says what to do."""
+    monkeypatch.setattr(plots, "font_family_for", lambda letters: None)
+    monkeypatch.setattr(plots, "_WARNED", set())
+    caplog.set_level(logging.WARNING)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, fig in enumerate(cjk_figures(image_root)):
+            assert_png(plots._save(fig, tmp_path / f"{i}.png"), min_bytes=3_000)
+        plots.plot_roc_curve(predictions(list(CJK), [(CJK[0], CJK[1], 0.9)]), tmp_path / "roc.png")
+    records = [r for r in caplog.records if r.name == plots.__name__]
+    assert len(records) == 1, [r.getMessage() for r in records]
+    message = records[0].getMessage()
+    assert "\n" not in message
+    assert all(c in message for c in CJK) and plots.FONT_PACKAGE in message
+    assert not [str(w.message) for w in caught if "missing from font" in str(w.message)]
+    assert_png(tmp_path / "roc.png")
+
+
+def test_plots_do_not_import_torch():
+    code = "import sys, transfer_learning.plots; sys.exit('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=SCRIPTS)
+    assert proc.returncode == 0, proc.stderr or "transfer_learning.plots imported torch"
 
 
 # ---- experiments compared ----------------------------------------------------------------
@@ -369,6 +578,36 @@ def test_plot_stage_script(image_root, tmp_path):
         assert_png(out / name)
 
 
+@needs_cjk_font
+def test_plot_stage_script_cjk_class_names(demo_root, tmp_path):
+    """A fresh process finds the CJK font (even one newer than matplotlib's font cache)."""
+    cat, dog = CJK
+    rows = []
+    for i, path in enumerate(sorted(demo_root.rglob("*.jpg"))):
+        true = cat if path.parent.name == "circles" else dog
+        wrong = (dog if true == cat else cat) if i % 4 == 0 else true
+        (row,) = predictions([cat, dog], [(true, wrong, 0.55 + 0.02 * i)])
+        rows.append({**row, "path": path.relative_to(demo_root).as_posix()})
+    write_tsv(tmp_path / "predictions.tsv", rows)
+    confusion = [
+        {"split": "test", "true": t, "predicted": p, "count": "4"} for t in CJK for p in CJK
+    ]
+    write_tsv(tmp_path / "confusion.tsv", confusion)
+    proc = run_script(
+        "plot_stage.py",
+        "--experiment", f"{cat}{dog}", "--stage", "finetune",
+        "--predictions", tmp_path / "predictions.tsv",
+        "--confusion", tmp_path / "confusion.tsv",
+        "--data-root", demo_root, "--split", "test",
+        "--confusion-matrix", tmp_path / "cm.png", "--roc-curve", tmp_path / "roc.png",
+        "--mistakes", tmp_path / "mistakes.png",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "WARNING" not in proc.stderr and "missing from font" not in proc.stderr, proc.stderr
+    for name in ("cm.png", "roc.png", "mistakes.png"):
+        assert_png(tmp_path / name)
+
+
 def test_plot_stage_script_unknown_split(image_root, tmp_path):
     predictions_tsv = tmp_path / "predictions.tsv"
     write_tsv(predictions_tsv, real_predictions(image_root, {}))
@@ -407,7 +646,7 @@ def test_plot_experiment_script(tmp_path):
     for stage, epochs in (("head", 4), ("finetune", 3)):
         write_tsv(tmp_path / f"{stage}_history.tsv", history(epochs))
         write_tsv(tmp_path / f"{stage}_metrics.tsv", [{"split": "test", "accuracy": "0.8"}])
-    save_checkpoint({"best_epoch": 2, "stage": "head"}, tmp_path / "head.pt")
+    checkpoint.save(stage_checkpoint(best_epoch=2, epochs_run=4), tmp_path / "head.pt")
     proc = run_script(
         "plot_experiment.py", "--experiment", "baseline",
         "--head-checkpoint", tmp_path / "head.pt",

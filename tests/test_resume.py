@@ -23,6 +23,7 @@ from conftest import (
     SMALL_DATA,
     STAGE_OUTPUTS,
     assert_ok,
+    copy_workdir,
     overlay,
     small_config,
     snake_env,
@@ -104,7 +105,7 @@ def wait_for_epoch(workdir: Path, process: subprocess.Popen, epoch: int, timeout
     pytest.fail(f"fine tuning did not reach epoch {epoch} in {timeout} s")
 
 
-def start_snakemake(workdir: Path, config: Path) -> subprocess.Popen:
+def start_snakemake(workdir: Path, config: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [
             "timeout",
@@ -118,7 +119,7 @@ def start_snakemake(workdir: Path, config: Path) -> subprocess.Popen:
             str(workdir),
             "--cores",
             "2",
-            *STAGE_OUTPUTS,
+            *(args or STAGE_OUTPUTS),
             "--configfile",
             str(config),
         ],  # fmt: skip
@@ -223,3 +224,32 @@ def test_changed_settings_never_resume_a_stale_run(tmp_path):
     assert "written for other settings" in log, log
     assert "resuming after" not in log
     assert len([line for line in log.splitlines() if "finetune epoch " in line]) == EPOCHS
+
+
+def test_interrupted_forcerun_is_never_forgotten(tmp_path, reference):
+    """After a finished run, `--forcerun finetune` is stopped half-way (a time limit).
+
+    Snakemake deletes the failed job's checkpoint and history; the evaluation files of the
+    earlier run are still there. The next plain run must rebuild the checkpoint (resuming the
+    training) and everything after it, not say "Nothing to be done".
+    """
+    workdir = copy_workdir(reference, tmp_path / "work")
+    config = workdir / "config" / "resume.yaml"
+    (workdir / "logs" / "finetune" / "baseline.log").unlink()  # the earlier run's
+    process = start_snakemake(workdir, config, "--forcerun", "finetune")
+    wait_for_epoch(workdir, process, 3)
+    for pid in finetune_pids(workdir):
+        os.kill(pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode != 0, tail(output)
+    assert not (workdir / "results/baseline/finetune/model.pt").exists()
+    assert (workdir / "results/baseline/eval/finetune/metrics.tsv").exists()
+
+    rerun = snakemake(workdir, "--rerun-incomplete", "--configfile", config)
+    assert_ok(rerun, "plain re-run after the interrupted forcerun")
+    assert "Nothing to be done" not in rerun.stdout
+    log = (workdir / "logs" / "finetune" / "baseline.log").read_text()
+    assert "finetune: resuming after epoch" in log, log
+    assert (workdir / "results/baseline/finetune/model.pt").exists()
+    for path in COMPARED:
+        assert without_seconds(workdir / path) == without_seconds(reference / path), path

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import shutil
 import signal
 
 import numpy as np
@@ -16,8 +17,14 @@ from conftest import write_images
 from PIL import Image
 from torch import nn
 from torch.utils.data import TensorDataset
-from transfer_learning import data, io, metrics, models, stages, train, verify
-from transfer_learning.data import MANIFEST_COLUMNS
+from transfer_learning import checkpoint, data, io, metrics, models, stages, train, verify
+from transfer_learning.settings import (
+    EvaluateSettings,
+    FeatureSettings,
+    FinetuneSettings,
+    HeadSettings,
+)
+from transfer_learning.verify import MANIFEST_COLUMNS
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -189,7 +196,7 @@ def test_classification_metrics_three_classes_by_hand():
     assert (row["precision_b"], row["recall_b"], row["f1_b"]) == pytest.approx((2 / 3, 1.0, 0.8))
     assert (row["precision_c"], row["recall_c"], row["f1_c"]) == pytest.approx((1.0, 0.5, 2 / 3))
     assert row["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
-    assert row["roc_auc"] is None
+    assert row["roc_auc"] == pytest.approx(11 / 12)  # macro one-vs-rest, by pair counts
     assert metrics.confusion_matrix(true, probs.argmax(1), 3).tolist() == [
         [1, 1, 0],
         [0, 2, 0],
@@ -357,7 +364,7 @@ def _toy_model(train_set, init_seed=0, lr=0.05):
     head = models.Head(8, 2, dropout=0.3)
     head.fit_standardisation(train_set.tensors[0])
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
-    scheduler = stages.warmup_then_constant(optimizer, 2, 0.5)
+    scheduler = train.warmup_then_constant(optimizer, 2, 0.5)
     return head, optimizer, scheduler
 
 
@@ -374,7 +381,7 @@ def _fit(train_set, val_set, model, optimizer, scheduler, *, epochs, early, resu
         device=torch.device("cpu"),
         early_stopping=early,
         resume_path=resume,
-        settings_hash=kw.pop("settings_hash", "toy"),
+        resume_key=kw.pop("resume_key", "toy"),
         **kw,
     )
 
@@ -451,7 +458,7 @@ def test_fit_resumed_after_interruption_equals_uninterrupted(tmp_path):
             model, interrupted_loader_for, val_loader, optimizer, scheduler,
             num_classes=2, epochs=6, seed=5, device=torch.device("cpu"),
             early_stopping=train.EarlyStopping(patience=10), resume_path=resume,
-            settings_hash="toy",
+            resume_key="toy",
         )  # fmt: skip
     saved = io.load_checkpoint(resume)
     assert saved["epoch"] == 3 and len(saved["history"]) == 3
@@ -477,19 +484,26 @@ def test_fit_ignores_a_resume_file_of_other_settings(tmp_path):
     model, optimizer, scheduler = _toy_model(train_set)
     _fit(
         train_set, val_set, model, optimizer, scheduler, epochs=2,
-        early=train.EarlyStopping(), resume=resume, settings_hash="old",
+        early=train.EarlyStopping(), resume=resume, resume_key="old",
     )  # fmt: skip
     assert io.load_checkpoint(resume)["epoch"] == 2
     model, optimizer, scheduler = _toy_model(train_set)
     result = _fit(
         train_set, val_set, model, optimizer, scheduler, epochs=3,
-        early=train.EarlyStopping(), resume=resume, settings_hash="new",
+        early=train.EarlyStopping(), resume=resume, resume_key="new",
     )  # fmt: skip
     assert result.resumed_from == 0
     assert [row["epoch"] for row in result.history] == [1, 2, 3]
 
 
 # ---- the stage functions -----------------------------------------------------------------
+
+
+def _feature_settings(weights, augmented_views=1):
+    return FeatureSettings(
+        backbone="mobilenet_v2", weights=weights, image_size=32, mean=tuple(MEAN),
+        std=tuple(STD), augmented_views=augmented_views, seed=3, batch_size=16,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -500,19 +514,12 @@ def features(small_tree):
     for split in ("train", "val"):
         out[split] = folder / "features" / f"{split}.pt"
         stages.extract_features(
+            _feature_settings("random"),
             manifest=str(manifest),
             data_root=str(root),
             split=split,
             output=str(out[split]),
-            backbone="mobilenet_v2",
-            weights=None,
             weights_file=None,
-            image_size=32,
-            mean=MEAN,
-            std=STD,
-            augmented_views=1 if split == "train" else 0,
-            seed=3,
-            batch_size=16,
             device="cpu",
         )
     return out
@@ -550,15 +557,11 @@ def _interrupt_training_loader(monkeypatch, at_epoch: int):
 
 def _head(features, folder, name, resume=None):
     return stages.train_head(
+        HeadSettings(epochs=5, lr=1e-3, batch_size=16, dropout=0.2, seed=7),
         train_features=str(features["train"]),
         val_features=str(features["val"]),
         output=str(folder / f"{name}.pt"),
         history=str(folder / f"{name}.tsv"),
-        epochs=5,
-        lr=1e-3,
-        batch_size=16,
-        dropout=0.2,
-        seed=7,
         resume=str(resume) if resume else None,
         device="cpu",
     )
@@ -586,9 +589,9 @@ def test_train_head_resumes_to_the_same_result(features, tmp_path, monkeypatch, 
     assert not resume.exists()  # removed once the stage finished
     assert _history_rows(tmp_path / "cut.tsv") == _history_rows(tmp_path / "full.tsv")
     assert len(_history_rows(tmp_path / "full.tsv")) == 5
-    assert resumed["best_epoch"] == full["best_epoch"]
-    for key, value in full["head"].items():
-        assert torch.equal(resumed["head"][key], value), key
+    assert resumed.best_epoch == full.best_epoch
+    for key, value in full.head.items():
+        assert torch.equal(resumed.head[key], value), key
 
 
 @pytest.fixture(scope="module")
@@ -600,7 +603,12 @@ def head_checkpoint(features, small_tree):
 
 def _finetune(small_tree, head_checkpoint, folder, name, resume=None, epochs=2, workers=0):
     _, root, manifest = small_tree
+    settings = FinetuneSettings(
+        epochs=epochs, lr=1e-3, batch_size=16, unfreeze_blocks=None, warmup_epochs=1,
+        warmup_start_factor=0.5, patience=5, min_delta=0.0, seed=7, amp=True,
+    )  # fmt: skip
     return stages.finetune(
+        settings,
         head_checkpoint=str(head_checkpoint),
         manifest=str(manifest),
         data_root=str(root),
@@ -608,16 +616,6 @@ def _finetune(small_tree, head_checkpoint, folder, name, resume=None, epochs=2, 
         weights_file=None,
         output=str(folder / f"{name}.pt"),
         history=str(folder / f"{name}.tsv"),
-        epochs=epochs,
-        lr=1e-3,
-        batch_size=16,
-        unfreeze_blocks=None,
-        warmup_epochs=1,
-        warmup_start_factor=0.5,
-        patience=5,
-        min_delta=0.0,
-        seed=7,
-        amp=True,
         workers=workers,
         resume=str(resume) if resume else None,
         device="cpu",
@@ -628,7 +626,7 @@ def test_finetune_resumes_to_the_same_result(
     small_tree, head_checkpoint, tmp_path, monkeypatch, caplog
 ):
     full = _finetune(small_tree, head_checkpoint, tmp_path, "full")
-    assert full["trainable_parameters"] == pytest.approx(1.68e6, rel=0.01)
+    assert full.trainable_parameters == pytest.approx(1.68e6, rel=0.01)
     resume = tmp_path / "resume" / "finetune.pt"
     _interrupt_training_loader(monkeypatch, at_epoch=2)
     # The interrupted run has loader workers, as in a Slurm job: same numbers as without.
@@ -642,20 +640,21 @@ def test_finetune_resumes_to_the_same_result(
     assert "finetune: resuming after epoch 1" in caplog.text
     assert not resume.exists()
     assert _history_rows(tmp_path / "cut.tsv") == _history_rows(tmp_path / "full.tsv")
-    assert resumed["best_epoch"] == full["best_epoch"]
-    for key, value in full["model"].items():
-        assert torch.equal(resumed["model"][key], value), key
+    assert resumed.best_epoch == full.best_epoch
+    for key, value in full.model.items():
+        assert torch.equal(resumed.model[key], value), key
     # Fine tuning changed the last blocks and left the frozen ones alone.
-    start = stages.model_from_checkpoint(io.load_checkpoint(head_checkpoint)).state_dict()
+    start = models.classifier_from_checkpoint(checkpoint.load_stage(head_checkpoint))
+    start = start.state_dict()
     assert torch.equal(
-        full["model"]["backbone.features.0.0.weight"], start["backbone.features.0.0.weight"]
+        full.model["backbone.features.0.0.weight"], start["backbone.features.0.0.weight"]
     )
     assert torch.equal(
-        full["model"]["backbone.features.13.conv.0.0.weight"],
+        full.model["backbone.features.13.conv.0.0.weight"],
         start["backbone.features.13.conv.0.0.weight"],
     )
     assert not torch.equal(
-        full["model"]["backbone.features.18.0.weight"], start["backbone.features.18.0.weight"]
+        full.model["backbone.features.18.0.weight"], start["backbone.features.18.0.weight"]
     )
 
 
@@ -663,14 +662,14 @@ def test_evaluate_matches_training_validation(small_tree, head_checkpoint, tmp_p
     """The head evaluated on images scores the val split as training did on cached features."""
     _, root, manifest = small_tree
     rows = stages.evaluate(
-        checkpoint=str(head_checkpoint),
+        EvaluateSettings(batch_size=16),
+        checkpoint_path=str(head_checkpoint),
         manifest=str(manifest),
         data_root=str(root),
         splits=["val", "test"],
         metrics_out=str(tmp_path / "metrics.tsv"),
         predictions_out=str(tmp_path / "predictions.tsv"),
         confusion_out=str(tmp_path / "confusion.tsv"),
-        batch_size=16,
         device="cpu",
     )
     checkpoint = io.load_checkpoint(head_checkpoint)
@@ -705,25 +704,26 @@ def test_pretrained_path_with_a_local_weights_file(small_tree, tmp_path):
     weights = tmp_path / "mine.pth"
     torch.save(torchvision.models.mobilenet_v2(num_classes=7).state_dict(), weights)
     common = dict(
-        manifest=str(manifest), data_root=str(root), backbone="mobilenet_v2",
-        weights=str(weights), weights_file=str(weights), image_size=32, mean=MEAN, std=STD,
-        seed=3, batch_size=16, device="cpu",
+        manifest=str(manifest), data_root=str(root), weights_file=str(weights), device="cpu",
     )  # fmt: skip
     for split in ("train", "val"):
         payload = stages.extract_features(
-            split=split, output=str(tmp_path / f"{split}.pt"), **common
+            _feature_settings("file-mine", augmented_views=0),
+            split=split,
+            output=str(tmp_path / f"{split}.pt"),
+            **common,
         )
-        assert "backbone_state" not in payload  # the weights file is the backbone
+        assert payload.backbone_state is None  # the weights file is the backbone
     _head({"train": tmp_path / "train.pt", "val": tmp_path / "val.pt"}, tmp_path, "head")
     outputs = dict(
-        checkpoint=str(tmp_path / "head.pt"), manifest=str(manifest), data_root=str(root),
+        checkpoint_path=str(tmp_path / "head.pt"), manifest=str(manifest), data_root=str(root),
         splits=["val"], metrics_out=str(tmp_path / "m.tsv"),
         predictions_out=str(tmp_path / "p.tsv"), confusion_out=str(tmp_path / "c.tsv"),
-        batch_size=16, device="cpu",
+        device="cpu",
     )  # fmt: skip
     with pytest.raises(ValueError, match="needs its backbone weights"):
-        stages.evaluate(**outputs)
-    rows = stages.evaluate(weights_file=str(weights), **outputs)
+        stages.evaluate(EvaluateSettings(batch_size=16), **outputs)
+    rows = stages.evaluate(EvaluateSettings(batch_size=16), weights_file=str(weights), **outputs)
     best = io.load_checkpoint(tmp_path / "head.pt")["best_val_loss"]
     assert rows[0]["loss"] == pytest.approx(best, abs=1e-4)
 
@@ -773,3 +773,122 @@ def test_load_checkpoint_refuses_arbitrary_objects(tmp_path):
     torch.save({"thing": _Pickled()}, tmp_path / "evil.pt")
     with pytest.raises(Exception, match="[Ww]eights only"):
         io.load_checkpoint(tmp_path / "evil.pt")
+
+
+# ---- a resume never continues a run whose inputs changed ----------------------------------
+
+
+def _tree_copy_with_new_val_images(small_tree, folder):
+    """The same data set with every validation image replaced; manifest verified again."""
+    _, root, _ = small_tree
+    new_root = folder / "images"
+    shutil.copytree(root, new_root)
+    shutil.rmtree(new_root / "val")
+    other = write_images(folder / "other", {"val": {"cats": 8, "dogs": 8}}, size=40, seed=99)
+    shutil.copytree(other / "val", new_root / "val")
+    counts = {"train": {"cats": 16, "dogs": 16}, "val": {"cats": 8, "dogs": 8}}
+    counts["test"] = counts["val"]
+    report = verify.verify_dataset(new_root, ["train", "val", "test"], counts)
+    assert report.ok, report.problems
+    manifest = folder / "manifest.tsv"
+    io.write_tsv(manifest, report.manifest, MANIFEST_COLUMNS)
+    return folder, new_root, manifest
+
+
+def test_finetune_never_resumes_after_its_images_changed(
+    small_tree, head_checkpoint, tmp_path, monkeypatch, caplog
+):
+    """Stopped after epoch 1, then every validation image replaced: the rerun starts over."""
+    resume = tmp_path / "resume" / "finetune.pt"
+    _interrupt_training_loader(monkeypatch, at_epoch=2)
+    with pytest.raises(train.TrainingInterrupted):
+        _finetune(small_tree, head_checkpoint, tmp_path, "cut", resume)
+    assert io.load_checkpoint(resume)["epoch"] == 1
+    monkeypatch.undo()
+
+    changed = _tree_copy_with_new_val_images(small_tree, tmp_path / "changed")
+    fresh = _finetune(changed, head_checkpoint, tmp_path, "fresh")
+    with caplog.at_level("INFO", logger="transfer_learning"):
+        after = _finetune(changed, head_checkpoint, tmp_path, "cut", resume)
+    assert "resuming" not in caplog.text
+    assert "written for other settings or other inputs" in caplog.text
+    assert _history_rows(tmp_path / "cut.tsv") == _history_rows(tmp_path / "fresh.tsv")
+    assert after.best_val_loss == fresh.best_val_loss
+
+
+def test_train_head_never_resumes_on_other_features(features, tmp_path, monkeypatch, caplog):
+    resume = tmp_path / "resume" / "head.pt"
+    _interrupt_training_loader(monkeypatch, at_epoch=3)
+    with pytest.raises(train.TrainingInterrupted):
+        _head(features, tmp_path, "cut", resume)
+    monkeypatch.undo()
+    # Other validation features (here: the training split's): same settings, other input.
+    other = {"train": features["train"], "val": tmp_path / "val.pt"}
+    saved = checkpoint.load_features(features["train"])
+    saved.split = "val"
+    checkpoint.save(saved, other["val"])
+    with caplog.at_level("INFO", logger="transfer_learning"):
+        _head(other, tmp_path, "cut", resume)
+    assert "resuming" not in caplog.text
+    assert len(_history_rows(tmp_path / "cut.tsv")) == 5
+
+
+def test_resume_key_covers_settings_and_every_input():
+    settings = HeadSettings(epochs=5, lr=1e-3, batch_size=16, dropout=0.2, seed=7)
+    inputs = {"train": "a", "val": "b"}
+    key = checkpoint.resume_key(settings, inputs)
+    assert key == checkpoint.resume_key(settings, dict(inputs))
+    assert key != checkpoint.resume_key(settings.replace(lr=1e-4), inputs)
+    assert key != checkpoint.resume_key(settings, {**inputs, "val": "c"})
+    assert checkpoint.fingerprint(torch.ones(2)) != checkpoint.fingerprint(torch.ones(3))
+    assert checkpoint.fingerprint(torch.tensor(5)) != checkpoint.fingerprint(torch.tensor(6))
+
+
+# ---- no split and batch size may crash training ------------------------------------------
+
+
+@pytest.mark.parametrize("n, batch", [(6, 5), (33, 32), (3, 2), (17, 16), (2, 2)])
+def test_training_loaders_never_end_on_a_batch_of_one(n, batch):
+    dataset = TensorDataset(torch.zeros(n, 1), torch.zeros(n))
+    loader = data.make_loader(dataset, batch, shuffle=True, seed=1)
+    for epoch in range(3):
+        loader.sampler.set_epoch(epoch)
+        sizes = [len(y) for _, y in loader]
+        assert min(sizes) > 1 or n == 1, sizes
+        assert sum(sizes) >= n - 1
+
+
+def test_six_training_images_with_batch_five_train_every_stage(tmp_path):
+    """BatchNorm in train mode on a last batch of one image used to crash fine tuning and
+    the calibration of a random backbone (a 1 x 1 feature map at 32 px)."""
+    counts = {"train": {"cats": 3, "dogs": 3}, "val": {"cats": 2, "dogs": 2}}
+    counts["test"] = counts["val"]
+    root = write_images(tmp_path / "images", counts, size=40, seed=4)
+    report = verify.verify_dataset(root, ["train", "val", "test"], counts)
+    manifest = tmp_path / "manifest.tsv"
+    io.write_tsv(manifest, report.manifest, MANIFEST_COLUMNS)
+    tree = (tmp_path, root, manifest)
+    feature_files = {}
+    for split in ("train", "val"):
+        feature_files[split] = tmp_path / f"{split}.pt"
+        stages.extract_features(
+            _feature_settings("random", augmented_views=0).replace(batch_size=5),
+            manifest=str(manifest), data_root=str(root), split=split,
+            output=str(feature_files[split]), device="cpu",
+        )  # fmt: skip
+    stages.train_head(
+        HeadSettings(epochs=2, lr=1e-3, batch_size=5, dropout=0.2, seed=7),
+        train_features=str(feature_files["train"]), val_features=str(feature_files["val"]),
+        output=str(tmp_path / "head.pt"), history=str(tmp_path / "head.tsv"), device="cpu",
+    )  # fmt: skip
+    settings = FinetuneSettings(
+        epochs=2, lr=1e-3, batch_size=5, unfreeze_blocks=None, warmup_epochs=0,
+        patience=2, min_delta=0.0, seed=7,
+    )  # fmt: skip
+    result = stages.finetune(
+        settings, head_checkpoint=str(tmp_path / "head.pt"), manifest=str(manifest),
+        data_root=str(root), splits=["train", "val"], output=str(tmp_path / "ft.pt"),
+        history=str(tmp_path / "ft.tsv"), device="cpu",
+    )  # fmt: skip
+    assert result.epochs_run == 2
+    assert tree

@@ -9,12 +9,28 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import random
 import shutil
+import subprocess
+import sys
 
+import numpy as np
 import pytest
-from conftest import assert_ok, job_stats, jobs, overlay, small_config, snakemake, write_images
+from conftest import (
+    SCRIPTS,
+    assert_ok,
+    job_stats,
+    jobs,
+    overlay,
+    small_config,
+    snakemake,
+    write_images,
+)
 from PIL import Image
 from transfer_learning import data, verify
+from transfer_learning.errors import UserError
+from transfer_learning.images import load_rgb
 from transfer_learning.io import read_tsv
 
 SPLITS = ["train", "val", "test"]
@@ -23,7 +39,9 @@ COUNTS = {
     "val": {"cats": 2, "dogs": 2},
     "test": {"cats": 2, "dogs": 2},
 }
-MANIFEST_COLUMNS = ["split", "class", "path", "bytes", "width", "height", "sha256"]
+MANIFEST_COLUMNS = [
+    "split", "class", "path", "bytes", "width", "height", "sha256", "pixel_sha256", "phash",
+]  # fmt: skip
 
 
 @pytest.fixture()
@@ -255,6 +273,354 @@ def test_valid_oddities_pass_and_load_as_rgb(tree):
         assert tuple(tensor.shape) == (3, 32, 32) and label == 0
 
 
+# ---- unit: one walk for verification and Snakemake's tracking ---------------------------
+
+
+def _linked(tree, relative, tmp_path):
+    """Move tree/relative out of the tree and leave a symbolic link to it in its place."""
+    inside = tree / relative
+    outside = tmp_path / "elsewhere" / relative.replace("/", "_")
+    outside.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(inside, outside)
+    inside.symlink_to(outside, target_is_directory=True)
+    return outside
+
+
+def _walked_paths(root):
+    return {path for _, _, path in verify.walk_dataset(root, SPLITS).files()}
+
+
+@pytest.fixture(params=["class folder", "split folder", "data root"])
+def linked_tree(request, tmp_path):
+    """(root to verify, real folder behind a link holding train/cats images, its prefix)."""
+    tree = write_images(tmp_path / "images", COUNTS, size=32, seed=5)
+    if request.param == "class folder":
+        return tree, _linked(tree, "train/cats", tmp_path)
+    if request.param == "split folder":
+        return tree, _linked(tree, "train", tmp_path) / "cats"
+    link = tmp_path / "link_to_images"
+    link.symlink_to(tree, target_is_directory=True)
+    return link, tree / "train" / "cats"
+
+
+def test_linked_folders_are_verified_and_walked(linked_tree):
+    root, cats = linked_tree
+    report = verify.verify_dataset(root, SPLITS, COUNTS)
+    assert report.ok, report.problems
+    paths = {row["path"] for row in report.manifest}
+    assert {f"train/cats/{p.name}" for p in cats.iterdir()} <= paths
+    assert len(paths) == 16
+    assert _walked_paths(root) == paths
+
+
+def test_digest_follows_links_for_added_removed_and_replaced_images(linked_tree):
+    root, cats = linked_tree
+    seen = [verify.tracking_digest(root, SPLITS)]
+    assert len(seen[0]) == 16 and int(seen[0], 16) >= 0
+    assert verify.tracking_digest(root, SPLITS) == seen[0]  # stable
+
+    (cats / "new.jpg").write_bytes(_jpeg_bytes((10, 20, 30)))
+    seen.append(verify.tracking_digest(root, SPLITS))
+    (cats / "new.jpg").unlink()
+    seen.append(verify.tracking_digest(root, SPLITS))
+    assert seen[2] == seen[0]  # back to the same files
+
+    victim = sorted(cats.iterdir())[0]
+    victim.write_bytes(_jpeg_bytes((250, 250, 0), size=(40, 40)))  # new content, same name
+    seen.append(verify.tracking_digest(root, SPLITS))
+    assert len(set(seen)) == 3, seen
+
+    # Same size, new bytes: the modification time tells.
+    raw = bytearray(victim.read_bytes())
+    raw[-3] ^= 0xFF
+    stat = victim.stat()
+    victim.write_bytes(bytes(raw))
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert victim.stat().st_size == stat.st_size
+    assert verify.tracking_digest(root, SPLITS) != seen[-1]
+
+
+def test_digest_ignores_hidden_and_stray_files(tree):
+    before = verify.tracking_digest(tree, SPLITS)
+    (tree / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (tree / "train" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (tree / "train" / "cats" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (tree / "train" / "cats" / "._cats.1.jpg").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    (tree / "val" / "dogs" / ".hidden_folder").mkdir()
+    (tree / "val" / "README.txt").write_text("a stray file: verification ignores it\n")
+    assert verify.tracking_digest(tree, SPLITS) == before
+    report = verify.verify_dataset(tree, SPLITS, COUNTS)
+    assert report.ok, report.problems
+
+
+def test_digest_sees_structure_that_verification_judges(tree):
+    digests = [verify.tracking_digest(tree, SPLITS)]
+    (tree / "val" / "birds").mkdir()  # an empty class folder: a problem
+    digests.append(verify.tracking_digest(tree, SPLITS))
+    (tree / "val" / "birds").rmdir()
+    (tree / "test" / "cats" / "more").mkdir()  # a folder inside a class folder: a problem
+    digests.append(verify.tracking_digest(tree, SPLITS))
+    (tree / "test" / "cats" / "more").rmdir()
+    shutil.rmtree(tree / "test")
+    digests.append(verify.tracking_digest(tree, SPLITS))
+    assert len(set(digests)) == 4, digests
+    assert verify.tracking_digest(tree / "nowhere", SPLITS) == "missing"
+
+
+def test_linked_image_file_is_tracked_through_its_target(tree, tmp_path):
+    target = tmp_path / "outside.jpg"
+    target.write_bytes(_jpeg_bytes((1, 120, 240)))
+    (tree / "train" / "cats" / "linked.jpg").symlink_to(target)
+    before = verify.tracking_digest(tree, SPLITS)
+    target.write_bytes(_jpeg_bytes((240, 120, 1), size=(48, 48)))
+    assert verify.tracking_digest(tree, SPLITS) != before
+    report = verify.verify_dataset(tree, SPLITS, None)
+    assert report.ok, report.problems
+    assert "train/cats/linked.jpg" in {row["path"] for row in report.manifest}
+    # A dangling link is a file verification cannot read: a problem naming it.
+    (tree / "train" / "dogs" / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    report = verify.verify_dataset(tree, SPLITS, None)
+    assert "dangling" in _problem_for(report, "train/dogs/gone.jpg")
+
+
+def test_walk_lists_what_verification_reports(tree):
+    (tree / "train" / "stray.jpg").write_bytes(_jpeg_bytes())
+    (tree / "test" / "cats" / "nested").mkdir()
+    (tree / "val" / "cats" / "._x.jpg").write_bytes(b"\x00")
+    walked = verify.walk_dataset(tree, SPLITS, stat=True)
+    report = verify.verify_dataset(tree, SPLITS, COUNTS)
+    assert {path for _, _, path in walked.files()} == {row["path"] for row in report.manifest}
+    assert walked.hidden == report.skipped == ["val/cats/._x.jpg"]
+    assert walked.warnings == ["train/stray.jpg: file outside any class folder, ignored"]
+    assert walked.warnings == report.warnings
+    assert walked.problems == [
+        "test/cats/nested/: unexpected folder inside class folder test/cats/ "
+        "(images must sit directly in it)"
+    ]
+    assert walked.classes == {split: ["cats", "dogs"] for split in SPLITS}
+    for folder in walked.folders:
+        for name, size in zip(folder.names, folder.sizes, strict=True):
+            assert (tree / folder.split / folder.label / name).stat().st_size == size
+
+
+def test_verify_does_not_import_pytorch():
+    code = (
+        "import sys; from transfer_learning import verify; "
+        "verify.tracking_digest('.', ['train']); "
+        "assert not {'torch', 'torchvision'} & set(sys.modules), 'torch imported'"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SCRIPTS)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=SCRIPTS)
+
+
+# ---- unit: duplicates by decoded pixels and near-duplicates -------------------------------
+
+
+def _save_decoded_as_png(source, dest):
+    """The same picture saved again losslessly: other bytes, identical decoded pixels."""
+    load_rgb(source).save(dest, "PNG")
+
+
+@pytest.mark.parametrize("mode", ["error", "warn", "ignore"])
+def test_same_picture_as_png_in_another_split(tree, mode):
+    source = _any_image(tree, "train", "cats")
+    _save_decoded_as_png(source, tree / "test" / "cats" / "again.png")
+    report = verify.verify_dataset(tree, SPLITS, None, duplicates=mode)
+    rows = {row["path"]: row for row in report.manifest}
+    original, copy = rows[f"train/cats/{source.name}"], rows["test/cats/again.png"]
+    assert original["sha256"] != copy["sha256"]
+    assert original["pixel_sha256"] == copy["pixel_sha256"]
+    text = f"identical image content in more than one split: train/cats/{source.name}, "
+    text += "test/cats/again.png"
+    if mode == "error":
+        assert report.problems == [text]
+        assert report.warnings == []
+    elif mode == "warn":
+        assert report.ok and report.warnings == [text]
+    else:
+        assert report.ok and report.warnings == []
+
+
+def test_identical_pixels_within_one_split_only_warn(tree):
+    source = _any_image(tree, "val", "dogs")
+    _save_decoded_as_png(source, tree / "val" / "dogs" / "twin.png")
+    report = verify.verify_dataset(tree, SPLITS, None)
+    assert report.ok, report.problems
+    assert report.warnings == [
+        f"identical image content within one split: val/dogs/{source.name}, val/dogs/twin.png"
+    ]
+
+
+def _photo():
+    """A real photograph (matplotlib's sample of Grace Hopper, 512 x 600)."""
+    cbook = pytest.importorskip("matplotlib.cbook")
+    return Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
+
+
+def _edited(photo, edit):
+    w, h = photo.size
+    if edit == "re-saved at quality 40":
+        return photo, {"quality": 40}
+    if edit == "resized to 80%":
+        return photo.resize((w * 4 // 5, h * 4 // 5), Image.Resampling.BICUBIC), {}
+    if edit == "cropped by 5% (2.5% each side)":
+        dx, dy = w // 40, h // 40
+        return photo.crop((dx, dy, w - dx, h - dy)), {}
+    raise ValueError(edit)
+
+
+@pytest.mark.parametrize(
+    "edit", ["re-saved at quality 40", "resized to 80%", "cropped by 5% (2.5% each side)"]
+)
+def test_edited_copy_of_a_photo_in_another_split_is_a_near_duplicate(tree, edit):
+    photo = _photo()
+    photo.save(tree / "train" / "dogs" / "photo.jpg", quality=90)
+    copy, options = _edited(load_rgb(tree / "train" / "dogs" / "photo.jpg"), edit)
+    copy.save(tree / "test" / "dogs" / "copy.jpg", **{"quality": 85, **options})
+    report = verify.verify_dataset(tree, SPLITS, None)
+    assert report.ok, report.problems  # only a warning
+    rows = {row["path"]: row for row in report.manifest}
+    a, b = rows["train/dogs/photo.jpg"], rows["test/dogs/copy.jpg"]
+    distance = (int(a["phash"], 16) ^ int(b["phash"], 16)).bit_count()
+    assert distance <= 4, (edit, distance)
+    assert report.warnings == [
+        f"near-duplicate images in different splits (perceptual hash distance {distance} "
+        "<= 4): train/dogs/photo.jpg and test/dogs/copy.jpg"
+    ]
+    # Off, or duplicates ignored: no warning.
+    assert verify.verify_dataset(tree, SPLITS, None, near_duplicate_distance=0).warnings == []
+    assert verify.verify_dataset(tree, SPLITS, None, duplicates="ignore").warnings == []
+
+
+def test_near_duplicates_within_one_split_are_not_reported(tree):
+    photo = _photo()
+    photo.save(tree / "train" / "dogs" / "photo.jpg", quality=90)
+    photo.save(tree / "train" / "dogs" / "photo_low.jpg", quality=40)
+    report = verify.verify_dataset(tree, SPLITS, None)
+    assert report.ok and report.warnings == []
+
+
+def test_flat_pictures_are_not_near_duplicates(tree):
+    """A flat picture has no structure, so its hash is 0: not evidence of a copy."""
+    Image.new("RGB", (40, 40), (200, 0, 0)).save(tree / "train" / "cats" / "red.png")
+    Image.new("RGB", (40, 40), (0, 0, 200)).save(tree / "test" / "cats" / "blue.png")
+    report = verify.verify_dataset(tree, SPLITS, None)
+    assert report.ok and report.warnings == []
+    assert {row["phash"] for row in report.manifest if row["path"].endswith(".png")} == {"0" * 16}
+
+
+def test_many_copies_of_one_picture_are_one_pair(tree):
+    source = _any_image(tree, "train", "cats")
+    for k in range(5):
+        shutil.copy(source, tree / "train" / "cats" / f"copy{k}.jpg")
+        shutil.copy(source, tree / "test" / "dogs" / f"copy{k}.jpg")
+    load_rgb(source).save(tree / "val" / "cats" / "near.jpg", quality=60)
+    report = verify.verify_dataset(tree, SPLITS, None, duplicates="warn")
+    assert report.ok
+    near = [w for w in report.warnings if w.startswith("near-duplicate")]
+    assert len(near) == 2, near  # val/cats/near.jpg with one copy in train, one in test
+    assert all("val/cats/near.jpg" in w for w in near)
+    identical = [w for w in report.warnings if "more than one split" in w]
+    assert len(identical) == 1 and identical[0].count("copy") == 10
+
+
+def test_demo_images_are_not_near_duplicates(tmp_path):
+    """Genuinely different pictures (the demo's shapes) do not come near the default."""
+    counts = {s: {"a": n, "b": n} for s, n in (("train", 60), ("val", 30), ("test", 30))}
+    root = write_images(tmp_path / "demo", counts, size=64, seed=0)
+    report = verify.verify_dataset(root, SPLITS, counts, threads=2)
+    assert report.ok and report.warnings == [], report.warnings
+
+
+def test_near_duplicate_listing_is_capped():
+    rng = random.Random(3)
+    listed = verify.NEAR_DUPLICATES_LISTED
+    rows = []
+    for k in range(listed + 7):
+        base = rng.getrandbits(63)  # unrelated pictures: about 32 bits apart
+        for split, flip in (("train", 0), ("test", 0b1001)):
+            row = {"split": split, "path": f"{split}/x/{k}.jpg", "pixel_sha256": f"{split}{k}"}
+            rows.append({**row, "phash": f"{base ^ flip:016x}"})
+    report = verify.Report(manifest=rows)
+    verify._find_near_duplicates(report, 4)
+    assert len(report.warnings) == listed + 1
+    assert all("distance 2 <= 4" in w for w in report.warnings[:listed])
+    assert report.warnings[-1].startswith("7 more near-duplicate pair(s) in different splits")
+    assert f"({listed + 7} in all" in report.warnings[-1]
+
+
+def _brute_force(hashes, max_distance, groups=None):
+    pairs = []
+    for i, a in enumerate(hashes):
+        for j in range(i + 1, len(hashes)):
+            d = (a ^ hashes[j]).bit_count()
+            if d <= max_distance and (groups is None or groups[i] != groups[j]):
+                pairs.append((i, j, d))
+    return sorted(pairs, key=lambda p: (p[2], p[0], p[1]))
+
+
+@pytest.mark.parametrize("max_distance", [0, 1, 3, 4, 6, 10, 64])
+def test_multi_index_search_matches_brute_force(max_distance):
+    rng = random.Random(max_distance)
+    hashes = [rng.getrandbits(64) for _ in range(150)]
+    # Plant neighbours at every distance from 0 to 12 bits, some of them in clusters.
+    for _ in range(250):
+        h = rng.choice(hashes)
+        for bit in rng.sample(range(64), rng.randint(0, 12)):
+            h ^= 1 << bit
+        hashes.append(h)
+    groups = [rng.choice("abc") for _ in hashes]
+    expected = _brute_force(hashes, max_distance)
+    assert verify.near_duplicate_pairs(hashes, max_distance) == expected
+    assert verify.near_duplicate_pairs(hashes, max_distance, groups) == _brute_force(
+        hashes, max_distance, groups
+    )
+    if max_distance == 6:
+        assert len(expected) > 50  # the planted pairs make this a real check
+
+
+def test_near_duplicate_search_has_no_pairs_for_few_hashes():
+    assert verify.near_duplicate_pairs([], 6) == []
+    assert verify.near_duplicate_pairs([123], 6) == []
+
+
+def test_manifest_rows_carry_pixel_hashes(tree):
+    report = verify.verify_dataset(tree, SPLITS, COUNTS)
+    for row in report.manifest:
+        assert list(row) == verify.MANIFEST_COLUMNS
+        image = load_rgb(tree / row["path"])
+        header = f"RGB {image.width}x{image.height}\n".encode()
+        assert row["pixel_sha256"] == hashlib.sha256(header + image.tobytes()).hexdigest()
+        assert row["phash"] == verify.phash(image)
+        assert len(row["phash"]) == 16 and int(row["phash"], 16) >> 63 == 0  # DC bit is 0
+    assert len({row["phash"] for row in report.manifest}) == 16
+
+
+def test_phash_against_a_direct_dct():
+    image = _photo().resize((120, 90))
+    grey = np.asarray(
+        image.convert("L").resize((32, 32), Image.Resampling.LANCZOS, reducing_gap=3.0), float
+    )
+    n = np.arange(32)
+    basis = np.cos(np.pi * np.outer(np.arange(8), 2 * n + 1) / 64)
+    coefficients = np.array(
+        [[(grey * np.outer(basis[u], basis[v])).sum() for v in range(8)] for u in range(8)]
+    ).ravel()
+    bits = coefficients > np.median(coefficients[1:])
+    bits[0] = False
+    assert verify.phash(image) == f"{int(''.join('01'[int(b)] for b in bits), 2):016x}"
+    assert bits.sum() == 31
+    # A flat picture has no structure: no bit is set, however float rounding falls.
+    assert verify.phash(Image.new("RGB", (50, 40), (90, 10, 200))) == "0" * 16
+
+
+def test_bad_duplicate_settings_are_refused(tree):
+    with pytest.raises(UserError, match="duplicates"):
+        verify.verify_dataset(tree, SPLITS, duplicates="maybe")
+    with pytest.raises(UserError, match="near_duplicate_distance"):
+        verify.verify_dataset(tree, SPLITS, near_duplicate_distance=-1)
+
+
 # ---- the verify_dataset rule -------------------------------------------------------------
 
 
@@ -283,6 +649,7 @@ def test_rule_passes_with_oddities_hidden_files_and_a_warned_count(tmp_path):
     assert by_path["train/cats/tiny.jpg"]["width"] == "16"
     for row in manifest:
         assert len(row["sha256"]) == 64 and int(row["bytes"]) > 0
+        assert len(row["pixel_sha256"]) == 64 and len(row["phash"]) == 16
 
     counts_rows = read_tsv(workdir / "results" / "data" / "counts.tsv")
     assert list(counts_rows[0]) == ["split", "class", "found", "expected", "status"]

@@ -72,7 +72,7 @@ def test_every_stage_output_exists_with_its_columns(small_run):
 
     manifest = read_tsv(small_run / "results/data/manifest.tsv")
     assert _columns(small_run / "results/data/manifest.tsv") == [
-        "split", "class", "path", "bytes", "width", "height", "sha256",
+        "split", "class", "path", "bytes", "width", "height", "sha256", "pixel_sha256", "phash",
     ]  # fmt: skip
     assert len(manifest) == 96
     assert _columns(small_run / "results/data/counts.tsv") == [
@@ -313,8 +313,10 @@ def test_changed_images_rerun_verification_and_everything_after(small_run, tmp_p
     }  # fmt: skip
     assert {rule: stats.get(rule) for rule in expected} == expected, stats
     verify = next(j for j in jobs(proc.stdout) if j["rule"] == "verify_dataset")
-    if change == "replace":
-        assert str(target.relative_to(workdir)) in verify["reason"], verify["reason"]
+    # The data set is one tracked value (file count, bytes, digest), not one input a file.
+    assert "Params have changed" in verify["reason"], verify["reason"]
+    if change == "add":
+        assert "now: '97 files" in verify["reason"], verify["reason"]
 
 
 def test_hidden_file_changes_rerun_nothing(small_run, tmp_path):
@@ -324,6 +326,65 @@ def test_hidden_file_changes_rerun_nothing(small_run, tmp_path):
     proc = snakemake(workdir, *STAGE_OUTPUTS, "-n", "--configfile", _config(workdir))
     assert_ok(proc)
     assert "Nothing to be done" in proc.stdout, job_stats(proc.stdout)
+
+
+def test_speed_only_settings_rerun_nothing_and_result_settings_do(small_run, tmp_path):
+    """Loader workers change speed, never results; amp and deterministic change results."""
+    workdir = copy_workdir(small_run, tmp_path / "work")
+    for overrides, rerun in (
+        ({"max_workers": 0}, set()),
+        ({"max_workers": 7}, set()),
+        ({"finetune": {"amp": False}}, {"finetune"}),
+        ({"finetune": {"deterministic": False}}, {"finetune"}),
+    ):
+        config = overlay(tmp_path / "c.yaml", small_config(SMALL_DATA, **overrides))
+        proc = snakemake(workdir, *STAGE_OUTPUTS, "-n", "--configfile", config)
+        assert_ok(proc)
+        stats = job_stats(proc.stdout)
+        assert rerun <= set(stats) and not BEFORE_FINETUNE & set(stats), (overrides, stats)
+        if not rerun:
+            assert "Nothing to be done" in proc.stdout, (overrides, stats)
+
+
+def _workflow_copy(folder):
+    folder.mkdir(parents=True)
+    for name in ("Snakefile", "rules", "workflow_scripts", "config", "report", "envs"):
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, folder / name)
+    return folder / "Snakefile"
+
+
+def test_code_changes_rerun_what_they_change(demo_run, tmp_path):
+    """Snakemake's own code trigger sees only shell lines; each rule tracks its Python."""
+    snakefile = _workflow_copy(tmp_path / "workflow")
+    workdir = copy_workdir(demo_run, tmp_path / "work")
+    package = snakefile.parent / "workflow_scripts" / "transfer_learning"
+
+    def planned():
+        proc = snakemake(
+            workdir, "-n", "--configfile", REPO / "config" / "demo.yaml", snakefile=snakefile
+        )
+        assert_ok(proc)
+        return job_stats(proc.stdout)
+
+    assert planned() == {}
+    for module, expected in (
+        ("train.py", {"extract_features", "train_head", "finetune", "evaluate", "summarize"}),
+        ("plots.py", {"plot_stage", "plot_experiment", "plot_summary"}),
+    ):
+        source = package / module
+        original = source.read_text()
+        source.write_text(original + "\n# an edit\n")
+        stats = planned()
+        assert expected <= set(stats), (module, stats)
+        if module == "plots.py":
+            assert set(stats) == expected | {"all"}, stats
+        assert not {"make_demo_data", "verify_dataset"} & set(stats), (module, stats)
+        source.write_text(original)
+        assert planned() == {}
 
 
 # ---- repeatability -----------------------------------------------------------------------

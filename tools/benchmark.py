@@ -29,9 +29,9 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 from transfer_learning import data, demo, models, stages, verify  # noqa: E402
-from transfer_learning.data import MANIFEST_COLUMNS  # noqa: E402
 from transfer_learning.io import write_tsv  # noqa: E402
 from transfer_learning.train import EarlyStopping, fit, pick_device  # noqa: E402
+from transfer_learning.verify import MANIFEST_COLUMNS  # noqa: E402
 
 
 def median_time(fn, repeats: int) -> float:

@@ -3,6 +3,7 @@
 
 Usage: python workflow_scripts/evaluate.py --checkpoint results/baseline/finetune/model.pt \
     --manifest results/data/manifest.tsv --data-root data/catsVsDogs --splits val test \
+    --settings '{"batch_size": 64}' \
     --metrics results/baseline/eval/finetune/metrics.tsv \
     --predictions results/baseline/eval/finetune/predictions.tsv \
     --confusion results/baseline/eval/finetune/confusion.tsv
@@ -11,6 +12,7 @@ Usage: python workflow_scripts/evaluate.py --checkpoint results/baseline/finetun
 import argparse
 
 from transfer_learning import cli, data, stages
+from transfer_learning.settings import EvaluateSettings
 
 
 def main() -> None:
@@ -20,16 +22,17 @@ def main() -> None:
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--splits", nargs="+", required=True)
     parser.add_argument("--weights-file", type=cli.optional, default=None)
-    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=cli.threads_default())
     parser.add_argument("--max-workers", type=int, default=8)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--metrics", required=True)
     parser.add_argument("--predictions", required=True)
     parser.add_argument("--confusion", required=True)
+    cli.add_settings(parser, EvaluateSettings)
     args = parser.parse_args()
     stages.evaluate(
-        checkpoint=args.checkpoint,
+        cli.settings_from_args(args, EvaluateSettings),
+        checkpoint_path=args.checkpoint,
         manifest=args.manifest,
         data_root=args.data_root,
         splits=args.splits,
@@ -37,11 +40,10 @@ def main() -> None:
         predictions_out=args.predictions,
         confusion_out=args.confusion,
         weights_file=args.weights_file,
-        batch_size=args.batch_size,
         workers=data.loader_workers(args.threads, args.max_workers),
         device=args.device,
     )
 
 
 if __name__ == "__main__":
-    cli.run("evaluate", main)
+    cli.run("evaluate", main, memory_hint="evaluate.batch_size")

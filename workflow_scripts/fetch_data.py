@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the cats/dogs course image tree from the Oxford-IIIT Pet data set.
 
-Usage: python workflow_scripts/fetch_data.py --root data/pets \
+Usage: python workflow_scripts/fetch_data.py --data-root data/pets \
     --counts '{"train": {"cats": 1000, "dogs": 1000}, "val": {...}, "test": {...}}' \
     --seed 42 --download-dir downloads [--no-download]
 """
@@ -10,66 +10,47 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import logging
 from pathlib import Path
 
-from transfer_learning import fetch
+from transfer_learning import cli, fetch
 
 PROG = "fetch_data"
 
 
-def log(msg: str) -> None:
-    print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
-
-
-def parse_counts(text: str) -> dict:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise SystemExit(f"{PROG}: --counts is not valid JSON: {err}") from None
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--root", required=True, type=Path, help="output tree <root>/<split>/<class>/"
+        "--data-root", required=True, type=Path, help="the tree <data-root>/<split>/<class>/"
     )
     parser.add_argument(
-        "--counts", required=True, help='JSON: {"split": {"cats": N, "dogs": N}, ...}'
+        "--counts",
+        required=True,
+        type=cli.json_arg,
+        help='JSON: {"split": {"cats": N, "dogs": N}, ...}',
     )
     parser.add_argument("--seed", required=True, type=int, help="selection seed")
     parser.add_argument(
-        "--download-dir",
-        required=True,
-        type=Path,
-        help="Oxford-IIIT Pet archives go here",
+        "--download-dir", required=True, type=Path, help="Oxford-IIIT Pet archives go here"
     )
     parser.add_argument(
         "--no-download",
         action="store_true",
         help="use already-extracted files in --download-dir only",
     )
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    counts = parse_counts(args.counts)
-    try:
-        report = fetch.fetch_oxford_pets(
-            args.root,
-            counts,
-            args.seed,
-            args.download_dir,
-            download=not args.no_download,
-            log=log,
-        )
-    except (fetch.FetchError, ValueError, TypeError, OSError) as err:
-        # OSError covers network (URLError) and disk failures.
-        raise SystemExit(f"{PROG}: {err}") from None
+    args = parser.parse_args(argv)
+    report = fetch.fetch_oxford_pets(
+        args.data_root, args.counts, args.seed, args.download_dir, download=not args.no_download
+    )
     written = ", ".join(f"{s}: {json.dumps(c)}" for s, c in report["counts"].items())
-    log(f"ok: {report['root']} ({written}); skipped {len(report['skipped'])} undecodable images")
+    logging.getLogger(PROG).info(
+        "%s: ok: %s (%s); skipped %d undecodable images",
+        PROG,
+        report["root"],
+        written,
+        len(report["skipped"]),
+    )
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(PROG, main)

@@ -15,12 +15,13 @@ Usage: python workflow_scripts/plot_experiment.py --experiment baseline \
 import argparse
 import logging
 
-from transfer_learning import cli, io, plots
+from transfer_learning import checkpoint as checkpoint_file
+from transfer_learning import cli, plots
 
 
 def best_epoch(checkpoint):
     """The epoch whose weights a stage kept, or None to take the lowest validation loss."""
-    return io.load_checkpoint(checkpoint).get("best_epoch") if checkpoint else None
+    return checkpoint_file.load_stage(checkpoint).best_epoch if checkpoint else None
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import argparse
 import logging
 
 from transfer_learning import cli, io, plots
+from transfer_learning.errors import UserError
 
 STAGE_NAMES = {"head": "head", "finetune": "fine-tune"}
 
@@ -34,10 +35,12 @@ def main() -> None:
     title = f"{args.experiment}, {STAGE_NAMES.get(args.stage, args.stage)}"
     predictions = io.read_tsv(args.predictions)
     if not any(r["split"] == args.split for r in predictions):
-        raise ValueError(f"{args.predictions} has no predictions for split '{args.split}'")
+        raise UserError(f"{args.predictions} has no predictions for split '{args.split}'")
     classes = plots.probability_classes(predictions)
-    plots.confusion_matrix(args.confusion, args.split, classes, args.confusion_matrix, title=title)
-    plots.roc_curve(predictions, args.roc_curve, split=args.split, title=title)
+    plots.plot_confusion_matrix(
+        args.confusion, args.split, classes, args.confusion_matrix, title=title
+    )
+    plots.plot_roc_curve(predictions, args.roc_curve, split=args.split, title=title)
     plots.mistakes_gallery(
         predictions,
         args.data_root,

@@ -9,6 +9,7 @@ import argparse
 import logging
 
 from transfer_learning import cli, io, plots
+from transfer_learning.errors import UserError
 
 
 def main() -> None:
@@ -25,10 +26,10 @@ def main() -> None:
     args = parser.parse_args()
     rows = io.read_tsv(args.summary)
     if not rows:
-        raise ValueError(f"{args.summary} has no runs")
+        raise UserError(f"{args.summary} has no runs")
     missing = [m for m in args.metrics if m not in rows[0]]
     if missing:
-        raise ValueError(f"{args.summary} has no column {', '.join(missing)}")
+        raise UserError(f"{args.summary} has no column {', '.join(missing)}")
     plots.compare_experiments(rows, args.chart, args.metrics)
     plots.summary_table(rows, args.table, "All experiments on the test split")
     logging.getLogger("plot_summary").info("wrote %s and %s", args.chart, args.table)

@@ -9,7 +9,7 @@ Usage: python workflow_scripts/summarize.py --runs '[{"experiment": "baseline",
 
 import argparse
 
-from transfer_learning import cli, stages
+from transfer_learning import cli, summary
 
 
 def main() -> None:
@@ -19,8 +19,8 @@ def main() -> None:
     parser.add_argument("--sort-by", default="test_accuracy")
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
-    rows = [stages.summary_row(run, args.test_split) for run in args.runs]
-    stages.summarize(rows, args.output, args.sort_by)
+    rows = [summary.summary_row(run, args.test_split) for run in args.runs]
+    summary.summarize(rows, args.output, args.sort_by)
 
 
 if __name__ == "__main__":

@@ -2,45 +2,38 @@
 """Train the classification head on cached features.
 
 Usage: python workflow_scripts/train_head.py --train-features results/features/<key>/train.pt \
-    --val-features results/features/<key>/val.pt --epochs 5 --lr 1e-4 --batch-size 16 \
-    --dropout 0.2 --seed 1234 --output results/baseline/head/model.pt \
-    --history results/baseline/head/history.tsv [--resume results/.resume/baseline/head.pt]
+    --val-features results/features/<key>/val.pt \
+    --settings '{"epochs": 5, "lr": 1e-4, "batch_size": 16, "dropout": 0.2, "seed": 1234}' \
+    --output results/baseline/head/model.pt --history results/baseline/head/history.tsv \
+    [--resume results/.resume/baseline/head.pt]
 """
 
 import argparse
 
 from transfer_learning import cli, stages
+from transfer_learning.settings import HeadSettings
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-features", required=True)
     parser.add_argument("--val-features", required=True)
-    parser.add_argument("--epochs", type=int, required=True)
-    parser.add_argument("--lr", type=float, required=True)
-    parser.add_argument("--batch-size", type=int, required=True)
-    parser.add_argument("--dropout", type=float, required=True)
-    parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--resume", type=cli.optional, default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output", required=True)
     parser.add_argument("--history", required=True)
+    cli.add_settings(parser, HeadSettings)
     args = parser.parse_args()
     stages.train_head(
+        cli.settings_from_args(args, HeadSettings),
         train_features=args.train_features,
         val_features=args.val_features,
         output=args.output,
         history=args.history,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        dropout=args.dropout,
-        seed=args.seed,
         resume=args.resume,
         device=args.device,
-        settings={"seed": args.seed},
     )
 
 
 if __name__ == "__main__":
-    cli.run("train_head", main)
+    cli.run("train_head", main, memory_hint="head.batch_size")

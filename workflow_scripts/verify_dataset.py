@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Check the image data against the config; write the manifest and the counts.
 
-Usage: python workflow_scripts/verify_dataset.py --root data/catsVsDogs \
-    --splits train val test --expected-counts '{"train": {"cats": 1000, ...}}' \
+Usage: python workflow_scripts/verify_dataset.py --data-root data/catsVsDogs \
+    --settings '{"splits": ["train", "val", "test"],
+                 "expected_counts": {"train": {"cats": 1000, "dogs": 1000}, ...}}' \
     --manifest results/data/manifest.tsv --counts results/data/counts.tsv
 """
 
@@ -10,25 +11,31 @@ import argparse
 import logging
 
 from transfer_learning import cli, verify
-from transfer_learning.data import MANIFEST_COLUMNS
+from transfer_learning.errors import UserError
 from transfer_learning.io import write_tsv
+from transfer_learning.settings import DataSettings
 
 log = logging.getLogger("verify_dataset")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", required=True)
-    parser.add_argument("--splits", nargs="+", required=True)
-    parser.add_argument("--expected-counts", type=cli.json_arg, default=None)
-    parser.add_argument("--on-count-mismatch", choices=["error", "warn"], default="error")
+    parser.add_argument("--data-root", required=True)
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--counts", required=True)
     parser.add_argument("--threads", type=int, default=cli.threads_default())
+    cli.add_settings(parser, DataSettings)
     args = parser.parse_args()
+    settings = cli.settings_from_args(args, DataSettings)
 
     report = verify.verify_dataset(
-        args.root, args.splits, args.expected_counts, args.on_count_mismatch, args.threads
+        args.data_root,
+        settings.splits,
+        settings.expected_counts,
+        settings.on_count_mismatch,
+        args.threads,
+        duplicates=settings.duplicates,
+        near_duplicate_distance=settings.near_duplicate_distance,
     )
     for path in report.skipped:
         log.info("skipped hidden file %s", path)
@@ -37,10 +44,10 @@ def main() -> None:
     for row in report.counts:
         log.info("%s/%s: %s images (expected %s) %s", *row.values())
     if not report.ok:
-        raise ValueError(verify.format_problems(report, args.root))
+        raise UserError(verify.format_problems(report, args.data_root))
     write_tsv(args.counts, report.counts, ["split", "class", "found", "expected", "status"])
-    write_tsv(args.manifest, report.manifest, MANIFEST_COLUMNS)
-    log.info("%d images verified under %s", len(report.manifest), args.root)
+    write_tsv(args.manifest, report.manifest, verify.MANIFEST_COLUMNS)
+    log.info("%d images verified under %s", len(report.manifest), args.data_root)
 
 
 if __name__ == "__main__":

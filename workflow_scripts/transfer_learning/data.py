@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
+from .errors import UserError
+from .images import load_rgb
 from .io import read_tsv
-
-MANIFEST_COLUMNS = ["split", "class", "path", "bytes", "width", "height", "sha256"]
 
 
 @dataclass(frozen=True)
@@ -27,11 +26,16 @@ class Record:
     split: str
     label_name: str
     path: str  # relative to the data root
+    # The image's content hash from verification: what a resume key sees of the image.
+    content: str = ""
 
 
 def read_manifest(path: str | os.PathLike) -> list[Record]:
     rows = read_tsv(path)
-    return [Record(r["split"], r["class"], r["path"]) for r in rows]
+    return [
+        Record(r["split"], r["class"], r["path"], r.get("pixel_sha256") or r.get("sha256", ""))
+        for r in rows
+    ]
 
 
 def class_names(records: Sequence[Record]) -> list[str]:
@@ -42,20 +46,8 @@ def class_names(records: Sequence[Record]) -> list[str]:
 def split_records(records: Sequence[Record], split: str) -> list[Record]:
     chosen = sorted((r for r in records if r.split == split), key=lambda r: r.path)
     if not chosen:
-        raise ValueError(f"split '{split}' has no images in the manifest")
+        raise UserError(f"split '{split}' has no images in the manifest")
     return chosen
-
-
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode any PIL-readable image upright (EXIF orientation) as 8-bit RGB."""
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA", "P", "PA"):
-            # Transparent pixels become white rather than whatever colour they hide.
-            rgba = image.convert("RGBA")
-            canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(canvas, rgba).convert("RGB")
-        return image.convert("RGB")
 
 
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]):
@@ -108,7 +100,7 @@ class ImageDataset(Dataset):
         index = {name: i for i, name in enumerate(classes)}
         unknown = sorted({r.label_name for r in self.records} - set(index))
         if unknown:
-            raise ValueError(f"classes {unknown} are not among the model's classes {list(classes)}")
+            raise UserError(f"classes {unknown} are not among the model's classes {list(classes)}")
         self.labels = [index[r.label_name] for r in self.records]
         self.views = views
         self.augment_all = augment_all
@@ -127,7 +119,7 @@ class ImageDataset(Dataset):
         try:
             image = load_rgb(path)
         except Exception as error:  # name the file: a bare PIL error says nothing useful
-            raise RuntimeError(f"cannot read image {path}: {error}") from error
+            raise UserError(f"cannot read image {path}: {error}") from error
         if view == 0 and not self.augment_all:
             tensor = self.plain(image)
         else:
@@ -145,9 +137,23 @@ class EpochSampler(Sampler[int]):
     workers every epoch costs seconds per epoch on a GPU node.
     """
 
-    def __init__(self, n: int, shuffle: bool, seed: int, encode_epoch: bool):
+    def __init__(
+        self,
+        n: int,
+        shuffle: bool,
+        seed: int,
+        encode_epoch: bool,
+        batch_size: int | None = None,
+        drop_lone_last: bool = False,
+    ):
         self.n, self.shuffle, self.seed, self.encode_epoch = n, shuffle, seed, encode_epoch
         self.epoch = 0
+        # A last batch of ONE image cannot be normalised by BatchNorm in train mode
+        # ("Expected more than 1 value per channel"): that image sits this epoch out. The
+        # order is reshuffled every epoch, so it is another image each time.
+        self.length = (
+            n - 1 if drop_lone_last and batch_size and n > 1 and n % batch_size == 1 else n
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -159,10 +165,10 @@ class EpochSampler(Sampler[int]):
         else:
             order = range(self.n)
         offset = self.epoch * self.n if self.encode_epoch else 0
-        return iter([offset + i for i in order])
+        return iter([offset + i for i in list(order)[: self.length]])
 
     def __len__(self) -> int:
-        return self.n
+        return self.length
 
 
 def _worker_ignores_stop_signals(_worker_id: int) -> None:
@@ -184,10 +190,20 @@ def make_loader(
     epoch: int = 0,
     workers: int = 0,
     pin_memory: bool = False,
+    drop_lone_last: bool | None = None,
 ) -> DataLoader:
-    """A loader whose order and augmentation follow `loader.sampler.set_epoch(epoch)`."""
+    """A loader whose order and augmentation follow `loader.sampler.set_epoch(epoch)`.
+
+    Training loaders (shuffled, unless `drop_lone_last` says otherwise) never end on a batch
+    of one image, whatever the split and batch sizes.
+    """
     sampler = EpochSampler(
-        len(dataset), shuffle, seed, encode_epoch=isinstance(dataset, ImageDataset)
+        len(dataset),
+        shuffle,
+        seed,
+        encode_epoch=isinstance(dataset, ImageDataset),
+        batch_size=batch_size,
+        drop_lone_last=shuffle if drop_lone_last is None else drop_lone_last,
     )
     sampler.set_epoch(epoch)
     return DataLoader(

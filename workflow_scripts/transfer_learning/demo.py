@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from .errors import UserError
+
 SHAPES = ("ellipse", "box", "triangle", "cross", "ring", "star")
 # Each class also has its own fill pattern, so texture carries the class as well as outline.
 PATTERNS = ("solid", "stripes", "checks", "solid", "stripes", "checks")
@@ -129,7 +131,7 @@ def make_demo_dataset(
     root = Path(root)
     classes = sorted({label for per_class in counts.values() for label in per_class})
     if len(classes) > len(SHAPES):
-        raise ValueError(f"the demo draws at most {len(SHAPES)} classes, got {len(classes)}")
+        raise UserError(f"the demo draws at most {len(SHAPES)} classes, got {len(classes)}")
     shape_of = dict(zip(classes, SHAPES, strict=False))
     pattern_of = dict(zip(classes, PATTERNS, strict=False))
     partial = root.with_name(f".{root.name}.partial-{os.getpid()}")

@@ -1,24 +1,30 @@
 """Fetch pretrained torchvision weights and the Oxford-IIIT Pet images.
 
-Stands alone: imports only the standard library, torch, torchvision and PIL.
+Every problem the user can act on (bad counts, an unreachable url, a full disk, a hash that
+does not match) is a `FetchError`, a `UserError`: the entry points print it as one line.
+Progress goes to the "transfer_learning" logger, set up by `cli.setup_logging`.
 """
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import os
 import random
 import re
 import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from urllib.error import URLError
-from urllib.parse import unquote, urlparse
 
 import torch
 import torchvision
 from PIL import Image
+
+from .errors import UserError
+from .images import load_rgb
+from .io import atomic_path, sha256_file
+from .models import resolve_weights, url_filename
+
+log = logging.getLogger("transfer_learning")
 
 # torch.hub's own pattern for the sha256 prefix in checkpoint names, but
 # requiring at least one hex digit so an empty match cannot pass as "checked".
@@ -28,47 +34,13 @@ HASH_PREFIX_RE = re.compile(r"-([a-f0-9]+)\.")
 SPECIES_CLASSES = {0: "cats", 1: "dogs"}
 PET_SPLITS = ("trainval", "test")
 JPEG_QUALITY = 95
-CHUNK = 1 << 20
-
-Log = Callable[[str], None]
 
 
-class FetchError(RuntimeError):
-    """A fetch failed for a reason the user can act on."""
-
-
-def _quiet(_msg: str) -> None:
-    pass
+class FetchError(UserError):
+    """A fetch failed for a reason the user can act on; the message names the url or path."""
 
 
 # --------------------------------------------------------------------- weights
-
-
-def resolve_weights(backbone: str, name: str):
-    """Return the torchvision WeightsEnum member for backbone and weights name."""
-    models = torchvision.models
-    try:
-        enum = models.get_model_weights(backbone)
-    except ValueError:
-        valid = ", ".join(models.list_models(module=models))
-        raise ValueError(f"unknown backbone {backbone!r}; valid backbones: {valid}") from None
-    try:
-        # Enum lookup by name resolves the DEFAULT alias to the real member.
-        return enum[name]
-    except KeyError:
-        valid = ", ".join(enum.__members__)
-        raise ValueError(
-            f"unknown weights {name!r} for backbone {backbone!r}; valid weights: {valid}"
-        ) from None
-
-
-def _url_basename(url: str) -> str:
-    return os.path.basename(unquote(urlparse(url).path))
-
-
-def weights_filename(weights) -> str:
-    """Basename of the weights' download url, e.g. mobilenet_v2-7ebf99e0.pth."""
-    return _url_basename(weights.url)
 
 
 def hash_prefix(filename: str) -> str:
@@ -82,53 +54,29 @@ def hash_prefix(filename: str) -> str:
     return match.group(1)
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _temp_path(dest: Path) -> Path:
-    """A fresh temporary file name in dest's folder, so the rename is atomic."""
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    return Path(name)
-
-
-def fetch_weights(
-    backbone: str,
-    name: str,
-    dest: Path,
-    url: str | None = None,
-    *,
-    log: Log = _quiet,
-) -> Path:
+def fetch_weights(backbone: str, name: str, dest: Path, url: str | None = None) -> Path:
     """Download the weights file to dest, verified by its sha256 name prefix."""
     weights = resolve_weights(backbone, name)
     url = url or weights.url
     # The prefix comes from the served file's name, as torch.hub does, so a
     # mirror must keep torchvision's file names.
-    prefix = hash_prefix(_url_basename(url))
+    prefix = hash_prefix(url_filename(url))
     dest = Path(dest)
     if dest.is_file() and sha256_file(dest).startswith(prefix):
-        log(f"{dest} already present (sha256 {prefix}...), nothing to download")
+        log.info("%s already present (sha256 %s...), nothing to download", dest, prefix)
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(dest)
+    log.info("downloading %s -> %s", url, dest)
     try:
-        log(f"downloading {url} -> {dest}")
-        torch.hub.download_url_to_file(url, str(tmp), hash_prefix=prefix, progress=False)
-        os.replace(tmp, dest)
+        with atomic_path(dest) as tmp:
+            torch.hub.download_url_to_file(url, str(tmp), hash_prefix=prefix, progress=False)
     except URLError as err:
         raise FetchError(f"cannot download {url}: {err.reason}") from None
+    except OSError as err:
+        # The disk side: no space, no permission, a read-only file system.
+        raise FetchError(f"cannot write {dest} (from {url}): {err}") from None
     except RuntimeError as err:
         # torch.hub reports a hash mismatch as a bare RuntimeError.
         raise FetchError(f"{url}: sha256 check failed for {dest.name}: {err}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 
@@ -138,22 +86,22 @@ def fetch_weights(
 def _check_counts(counts: dict[str, dict[str, int]]) -> None:
     """Reject unknown classes, odd split names and non-count values up front."""
     if not isinstance(counts, dict) or not counts:
-        raise ValueError(f"counts must be a non-empty split -> class -> number map, got {counts!r}")
+        raise FetchError(f"counts must be a non-empty split -> class -> number map, got {counts!r}")
     known = set(SPECIES_CLASSES.values())
     for split, per_class in counts.items():
         if not split or split in (".", "..") or "/" in split or os.sep in split:
-            raise ValueError(f"counts: bad split name {split!r}")
+            raise FetchError(f"counts: bad split name {split!r}")
         if not isinstance(per_class, dict):
-            raise TypeError(f"counts[{split!r}] must map class -> number, got {per_class!r}")
+            raise FetchError(f"counts[{split!r}] must map class -> number, got {per_class!r}")
         unknown = sorted(set(per_class) - known)
         if unknown:
-            raise ValueError(
+            raise FetchError(
                 f"counts[{split!r}]: unknown classes {unknown}; "
                 f"Oxford-IIIT Pet gives only {sorted(known)}"
             )
         for cls, n in per_class.items():
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-                raise ValueError(f"counts[{split!r}][{cls!r}] must be a count >= 0, got {n!r}")
+                raise FetchError(f"counts[{split!r}][{cls!r}] must be a count >= 0, got {n!r}")
 
 
 def _check_root_free(root: Path) -> None:
@@ -176,6 +124,8 @@ def _pet_candidates(download_dir: Path, download: bool) -> dict[str, tuple[Path,
             raise FetchError(
                 f"cannot download Oxford-IIIT Pet into {download_dir}: {err.reason}"
             ) from None
+        except OSError as err:
+            raise FetchError(f"cannot store Oxford-IIIT Pet in {download_dir}: {err}") from None
         except RuntimeError as err:
             # Missing data (no download) or an archive failing its md5 check.
             hint = "" if download else " (downloading was turned off)"
@@ -187,24 +137,24 @@ def _pet_candidates(download_dir: Path, download: bool) -> dict[str, tuple[Path,
     return pool
 
 
-def inspect_image(path: Path) -> bool:
-    """Decode fully (raises if corrupt); True when already an RGB JPEG."""
+def copy_as_is(path: Path) -> bool:
+    """Decode fully (raises if corrupt); True when already an RGB JPEG, so the bytes can stay."""
     with Image.open(path) as img:
         img.load()
         return img.format == "JPEG" and img.mode == "RGB"
 
 
 def _valid_images(
-    names: list[str], pool: dict[str, tuple[Path, str]], skipped: list[dict], log: Log
+    names: list[str], pool: dict[str, tuple[Path, str]], skipped: list[dict]
 ) -> dict[str, bool]:
     """name -> copy-as-is flag for the images that decode; the rest go to skipped."""
     valid: dict[str, bool] = {}
     for name in names:
         try:
-            valid[name] = inspect_image(pool[name][0])
+            valid[name] = copy_as_is(pool[name][0])
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             skipped.append({"file": name, "reason": f"{type(err).__name__}: {err}"})
-            log(f"skipping undecodable {name}: {err}")
+            log.info("skipping undecodable %s: %s", name, err)
     return valid
 
 
@@ -232,12 +182,11 @@ def _select(
     return chosen
 
 
-def _write_image(src: Path, dst: Path, copy_as_is: bool) -> None:
-    if copy_as_is:
+def _write_image(src: Path, dst: Path, copy_bytes: bool) -> None:
+    if copy_bytes:
         shutil.copyfile(src, dst)
         return
-    with Image.open(src) as img:
-        img.convert("RGB").save(dst, "JPEG", quality=JPEG_QUALITY)
+    load_rgb(src).save(dst, "JPEG", quality=JPEG_QUALITY)
 
 
 def _build_tree(
@@ -247,10 +196,10 @@ def _build_tree(
     valid: dict[str, dict[str, bool]],
 ) -> None:
     """Write the split/class tree beside root, then rename it into place."""
-    root.parent.mkdir(parents=True, exist_ok=True)
     partial = root.parent / f"{root.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)  # left over by a killed run of this pid
     try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # left over by a killed run of this pid
         for split, per_class in chosen.items():
             for cls, names in per_class.items():
                 folder = partial / split / cls
@@ -261,6 +210,9 @@ def _build_tree(
         if root.exists():
             root.rmdir()  # empty directory: rename cannot replace it on every OS
         os.replace(partial, root)
+    except OSError as err:
+        # The disk side: no space, no permission, a read-only file system.
+        raise FetchError(f"cannot write the image tree {root}: {err}") from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
 
@@ -271,24 +223,22 @@ def fetch_oxford_pets(
     seed: int,
     download_dir: Path,
     download: bool = True,
-    *,
-    log: Log = _quiet,
 ) -> dict:
     """Build <root>/<split>/<class>/<name>.jpg (cats/dogs) from Oxford-IIIT Pet."""
     _check_counts(counts)
     root, download_dir = Path(root), Path(download_dir)
     _check_root_free(root)
-    log(f"loading Oxford-IIIT Pet from {download_dir} (download={download})")
+    log.info("loading Oxford-IIIT Pet from %s (download=%s)", download_dir, download)
     pool = _pet_candidates(download_dir, download)
     classes = sorted({cls for per_class in counts.values() for cls in per_class})
     skipped: list[dict] = []
     valid = {}
     for cls in classes:
         names = sorted(name for name, (_, c) in pool.items() if c == cls)
-        log(f"decoding {len(names)} {cls} images")
-        valid[cls] = _valid_images(names, pool, skipped, log)
+        log.info("decoding %d %s images", len(names), cls)
+        valid[cls] = _valid_images(names, pool, skipped)
     chosen = _select(counts, valid, seed)
-    log(f"writing {root}")
+    log.info("writing %s", root)
     _build_tree(root, chosen, pool, valid)
     return {
         "root": str(root),

@@ -14,7 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
+from .errors import InputNotFound
+from .hashing import sha256_file  # noqa: F401  (one hash helper; io re-exports it)
 
 
 @contextmanager
@@ -37,15 +38,19 @@ def atomic_path(path: str | os.PathLike):
 
 
 def save_checkpoint(obj: Mapping, path: str | os.PathLike) -> None:
+    import torch  # here, not at the top: the workflow imports this module while parsing
+
     with atomic_path(path) as tmp:
         torch.save(dict(obj), tmp)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Load a checkpoint of tensors and plain data; never unpickles arbitrary objects."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise InputNotFound(f"checkpoint not found: {path}")
     return torch.load(path, map_location=map_location, weights_only=True)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,6 +34,32 @@ def roc_auc(true: np.ndarray, score: np.ndarray) -> float:
     return float(u / (len(positives) * len(negatives)))
 
 
+def macro_roc_auc(true: np.ndarray, probabilities: np.ndarray) -> float:
+    """The ROC AUC that metrics.tsv reports, from class indices and an (n, classes) array.
+
+    Two classes: the binary AUC of class index 1 as the positive class, scored by its
+    probability (column 1). Three or more: the macro one-vs-rest AUC, the unweighted mean
+    over classes k of the binary AUC of "class k" against "every other class", scored by
+    the probability of class k. A class with no positives or no negatives in `true` (absent
+    from the split, or the only class in it) has no AUC of its own; the mean is over the
+    classes where it is defined, and NaN when it is defined for none (binary: NaN unless
+    both classes are present).
+    """
+    true = np.asarray(true, dtype=np.int64)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if probabilities.ndim != 2 or len(probabilities) != len(true):
+        raise ValueError(
+            f"probabilities must be (n, classes) with n = {len(true)}, "
+            f"got shape {probabilities.shape}"
+        )
+    num_classes = probabilities.shape[1]
+    if num_classes == 2:
+        return roc_auc(true, probabilities[:, 1])
+    aucs = [roc_auc((true == k).astype(np.int64), probabilities[:, k]) for k in range(num_classes)]
+    defined = [auc for auc in aucs if not math.isnan(auc)]
+    return float(np.mean(defined)) if defined else float("nan")
+
+
 def roc_curve(true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """False- and true-positive rates over all thresholds, from (0, 0) to (1, 1)."""
     order = np.argsort(-score, kind="mergesort")
@@ -53,7 +80,12 @@ def log_loss(true: np.ndarray, probabilities: np.ndarray) -> float:
 def classification_metrics(
     true: np.ndarray, probabilities: np.ndarray, classes: Sequence[str]
 ) -> dict:
-    """Loss, accuracy, per-class precision/recall/F1, macro F1 and (two classes) ROC AUC."""
+    """Loss, accuracy, per-class precision/recall/F1, macro F1 and ROC AUC.
+
+    `roc_auc` is `macro_roc_auc`: two classes, the AUC of class index 1 as positive; three
+    or more, the macro one-vs-rest AUC, averaged over the classes that have both positives
+    and negatives in `true`, NaN (written "nan") when no class does.
+    """
     true = np.asarray(true, dtype=np.int64)
     probabilities = np.asarray(probabilities, dtype=np.float64)
     predicted = probabilities.argmax(1)
@@ -74,5 +106,5 @@ def classification_metrics(
         row[f"f1_{name}"] = float(f1)
         f1s.append(f1)
     row["macro_f1"] = float(np.mean(f1s))
-    row["roc_auc"] = roc_auc(true, probabilities[:, 1]) if len(classes) == 2 else None
+    row["roc_auc"] = macro_roc_auc(true, probabilities)
     return row

@@ -11,12 +11,13 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import torch
 import torchvision
 from torch import nn
 
-from . import fetch
+from .errors import InputNotFound, UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -26,18 +27,46 @@ _TORCHVISION_FILE = re.compile(r"-([0-9a-f]{6,})\.pth$")
 def check_backbone(name: str) -> None:
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
-        raise ValueError(
+        raise UserError(
             f"unknown backbone '{name}' (config key model.backbone); torchvision classification "
             f"models are: {', '.join(sorted(available))}"
         )
 
 
+def resolve_weights(backbone: str, name: str):
+    """Return the torchvision WeightsEnum member for backbone and weights name."""
+    models = torchvision.models
+    try:
+        enum = models.get_model_weights(backbone)
+    except ValueError:
+        valid = ", ".join(models.list_models(module=models))
+        raise UserError(f"unknown backbone {backbone!r}; valid backbones: {valid}") from None
+    try:
+        # Enum lookup by name resolves the DEFAULT alias to the real member.
+        return enum[name]
+    except KeyError:
+        valid = ", ".join(enum.__members__)
+        raise UserError(
+            f"unknown weights {name!r} for backbone {backbone!r}; valid weights: {valid}"
+        ) from None
+
+
+def url_filename(url: str) -> str:
+    """The last part of a url's path, %-decoded: the name the file is served under."""
+    return os.path.basename(unquote(urlparse(url).path))
+
+
+def weights_filename(weights) -> str:
+    """Basename of the weights' download url, e.g. mobilenet_v2-7ebf99e0.pth."""
+    return url_filename(weights.url)
+
+
 def weights_enum(backbone: str, name: str):
     """The torchvision weights member for `name` (DEFAULT resolves to the real one)."""
     try:
-        return fetch.resolve_weights(backbone, name)
+        return resolve_weights(backbone, name)
     except ValueError as error:
-        raise ValueError(f"{error} (config keys model.backbone, model.weights)") from None
+        raise UserError(f"{error} (config keys model.backbone, model.weights)") from None
 
 
 def is_weights_path(weights: str | None) -> bool:
@@ -61,7 +90,7 @@ def _classifier_child(model: nn.Module) -> str:
         if any(isinstance(m, nn.Linear) for m in child.modules()):
             name = child_name
     if name is None:
-        raise ValueError(f"{type(model).__name__} has no linear classifier to replace")
+        raise UserError(f"{type(model).__name__} has no linear classifier to replace")
     return name
 
 
@@ -86,12 +115,12 @@ def strip_classifier(model: nn.Module) -> str:
 def load_state_dict_file(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path} (config key model.weights)")
+        raise InputNotFound(f"weights file not found: {path} (config key model.weights)")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict")
+        raise UserError(f"{path} does not hold a state dict")
     return state
 
 
@@ -119,7 +148,7 @@ def load_backbone_weights(model: nn.Module, state: dict, classifier: str, source
             parts.append(f"unexpected keys: {some(unexpected)}")
         if wrong_shape:
             parts.append(f"keys of another shape: {some(wrong_shape)}")
-        raise ValueError(
+        raise UserError(
             f"weights {source} do not fit backbone {type(model).__name__}: " + "; ".join(parts)
         )
     model.load_state_dict(state, strict=False)
@@ -275,3 +304,28 @@ def probabilities(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def logits_for_loss(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
     return logits.squeeze(1) if num_classes == 2 else logits
+
+
+def classifier_from_checkpoint(stage, weights_file: str | os.PathLike | None = None) -> Classifier:
+    """Backbone + head from a `checkpoint.StageCheckpoint`.
+
+    A fine-tune checkpoint holds the whole model; a head checkpoint holds the head, and its
+    backbone comes from the weights file (or travels in it, for random weights).
+    """
+    identity = stage.identity
+    backbone = build_backbone(identity.backbone, None)
+    model = Classifier(backbone, Head(stage.feature_dim, len(identity.classes), stage.dropout))
+    if stage.model is not None:
+        model.load_state_dict(stage.model)
+        return model
+    if stage.backbone_state is not None:
+        model.backbone.load_state_dict(stage.backbone_state)
+    elif weights_file is None:
+        raise UserError(
+            f"the {stage.stage} checkpoint needs its backbone weights "
+            f"({identity.weights}); pass the weights file"
+        )
+    else:
+        model.backbone = build_backbone(identity.backbone, weights_file)
+    model.head.load_state_dict(stage.head)
+    return model

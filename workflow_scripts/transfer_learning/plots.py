@@ -1,29 +1,49 @@
 """Figures and tables of a run: learning curves, confusion matrix, ROC, mistakes, comparison.
 
 Every function takes rows as `io.read_tsv` returns them (dicts of strings; numbers work
-too) or the TSV's path, writes one PNG (or HTML table) atomically and returns its path.
-Figures are built on matplotlib's Agg canvas directly, never through pyplot, so nothing
-needs a display and no figure outlives its function.
+too) or the TSV's path, writes one PNG (or HTML table) atomically and returns its path;
+the `*_figure` functions build the figure without saving it. Figures are built on
+matplotlib's Agg canvas directly, never through pyplot, so nothing needs a display and no
+figure outlives its function.
+
+Class names, experiment names and titles can be in any script: each figure's texts fall
+back to an installed font that has their letters (`font_families`); when no installed font
+has some, the figure is drawn anyway (those letters as boxes) and one warning says which
+letters and which font package to install.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import html
+import logging
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import unicodedata
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+import matplotlib as mpl
 import numpy as np
+from matplotlib import font_manager
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ft2font import FT2Font
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.text import Text
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 from PIL import Image
 
 from . import metrics
 from .io import atomic_path, read_tsv
+
+# Class, file and experiment names are text, never formulas: "$5 $10" must not turn into math.
+mpl.rcParams["text.parse_math"] = False
+
+_log = logging.getLogger(__name__)
 
 DPI = 120
 TRAIN_COLOR, VAL_COLOR = "tab:blue", "tab:orange"
@@ -31,6 +51,8 @@ STAGE_COLORS = {"head": "#9ecae1", "finetune": "#2171b5"}
 STAGE_NAMES = {"head": "head", "finetune": "fine-tune"}
 MISTAKE_COLOR = "#c0392b"
 HISTORY_VALUES = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
+# The font package the missing-letters warning suggests: Chinese, Japanese and Korean.
+FONT_PACKAGE = "fonts-noto-cjk"
 
 Rows = Sequence[Mapping] | str | os.PathLike
 
@@ -62,7 +84,7 @@ def _figure(width: float, height: float) -> Figure:
 
 def _save(fig: Figure, out: str | os.PathLike) -> Path:
     """Write the figure as PNG under a temporary name, then rename it onto `out`."""
-    with atomic_path(out) as tmp:
+    with atomic_path(out) as tmp, _quiet_font_warnings():
         fig.savefig(tmp, format="png", dpi=DPI)
     return Path(out)
 
@@ -93,6 +115,145 @@ def probability_classes(rows: Sequence[Mapping]) -> list[str]:
 
 def _title(*parts: str | None) -> str:
     return " — ".join(p for p in parts if p)
+
+
+# ---- fonts -------------------------------------------------------------------------------
+
+# Letters already named in a missing-font warning: one warning per letter and process.
+_WARNED: set[str] = set()
+
+
+@functools.cache
+def _charmap(path: str, face_index: int = 0) -> frozenset[int]:
+    """The code points one face of a font file has glyphs for; empty if it cannot be read."""
+    try:
+        return frozenset(FT2Font(path, face_index=face_index).get_charmap())
+    except (OSError, RuntimeError, ValueError):
+        return frozenset()
+
+
+def _family_charmap(family: str) -> frozenset[int]:
+    """The code points of the font matplotlib draws `family` (or a generic family) with."""
+    try:
+        path = font_manager.findfont(
+            font_manager.FontProperties(family=[family]), fallback_to_default=False
+        )
+    except ValueError:
+        return frozenset()
+    return _charmap(str(path), getattr(path, "face_index", 0))
+
+
+@functools.cache
+def font_family_for(chars: str) -> str | None:
+    """The family of the installed font that has glyphs for the most of `chars`, or None.
+
+    Looks through matplotlib's font list first, then through the system's font files that
+    list lacks (a font installed after matplotlib cached its list), registering the one
+    it picks with matplotlib. Matplotlib's Last Resort font (boxes) does not count.
+    """
+    wanted = {ord(c) for c in chars}
+    best, best_count, unlisted, seen = None, 0, None, set()
+    for entry in font_manager.fontManager.ttflist:
+        face = (os.path.realpath(entry.fname), entry.index)
+        if face in seen or entry.name.startswith("Last Resort"):
+            continue
+        seen.add(face)
+        count = len(wanted & _charmap(*face))
+        if count > best_count:
+            best, best_count = entry.name, count
+    if best_count < len(wanted):
+        listed = {path for path, _ in seen}
+        for path in sorted(font_manager.findSystemFonts()):
+            if os.path.realpath(path) in listed:
+                continue
+            count = len(wanted & _charmap(path))
+            if count > best_count:
+                unlisted, best_count = path, count
+    if unlisted is not None:
+        font_manager.fontManager.addfont(unlisted)
+        best = font_manager.ttfFontProperty(FT2Font(unlisted)).name
+    return best
+
+
+def font_families(texts: Iterable) -> list[str]:
+    """rcParams' font families, then installed fonts for the letters of `texts` they lack.
+
+    Matplotlib draws each glyph from the first family in the list that has it. Letters
+    that no installed font has get one warning (per process) naming them and the fix;
+    they are drawn as boxes.
+    """
+    families = list(mpl.rcParams["font.family"])
+    covered = set().union(*(_family_charmap(f) for f in families))
+    letters = {c for t in texts if t is not None for c in str(t)}
+    missing = "".join(sorted(c for c in letters if c.isprintable() and not c.isspace()))
+    missing = "".join(c for c in missing if ord(c) not in covered)
+    while missing:
+        family = font_family_for(missing)
+        found = _family_charmap(family) if family and family not in families else frozenset()
+        if not any(ord(c) in found for c in missing):
+            break
+        families.append(family)
+        missing = "".join(c for c in missing if ord(c) not in found)
+    new = [c for c in missing if c not in _WARNED]
+    if new:
+        _WARNED.update(new)
+        named = ", ".join(f"{c} (U+{ord(c):04X})" for c in new[:12])
+        more = f" and {len(new) - 12} more" if len(new) > 12 else ""
+        _log.warning(
+            "no installed font has the letters %s%s: plots draw them as boxes; install a font "
+            "that has them, e.g. `apt-get install %s` for Chinese, Japanese and Korean",
+            named,
+            more,
+            FONT_PACKAGE,
+        )
+    return families
+
+
+def _not_a_weight_warning(record: logging.LogRecord) -> bool:
+    """False for matplotlib's note that a (fallback) font has no bold: it draws it regular."""
+    return not str(record.msg).startswith("findfont: Failed to find font weight")
+
+
+@contextlib.contextmanager
+def _quiet_font_warnings() -> Iterator[None]:
+    """No warning from matplotlib per missing glyph and draw, nor per font without bold.
+
+    font_families has warned once of the missing letters; a bold text in a fallback font
+    without bold is drawn regular.
+    """
+    font_log = logging.getLogger("matplotlib.font_manager")
+    font_log.addFilter(_not_a_weight_warning)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Glyph .* missing from font", UserWarning)
+            yield
+    finally:
+        font_log.removeFilter(_not_a_weight_warning)
+
+
+def _flat(texts: Iterable) -> list:
+    """Texts, with lists and tuples of texts among them opened up."""
+    return [x for t in texts for x in (t if isinstance(t, (list, tuple)) else [t])]
+
+
+def _use_fonts(fig: Figure, *texts) -> Figure:
+    """Every text of `fig` in `font_families(texts)`: fallbacks for the letters of `texts`.
+
+    Tick labels made later copy the fonts of the first tick's label.
+    """
+    families = font_families(_flat(texts))
+    if families != list(mpl.rcParams["font.family"]):
+        for text in fig.findobj(Text):
+            text.set_fontfamily(families)
+    return fig
+
+
+@contextlib.contextmanager
+def _fonts_for(*texts) -> Iterator[list[str]]:
+    """Texts made inside use `font_families(texts)`, as the gallery's measured texts must."""
+    families = font_families(_flat(texts))
+    with mpl.rc_context({"font.family": families}), _quiet_font_warnings():
+        yield families
 
 
 # ---- learning curves ---------------------------------------------------------------------
@@ -216,7 +377,7 @@ def learning_curves(
     fig.suptitle(_title("Learning curves", title), fontsize=13)
     if not rows:
         loss_ax.text(0.5, 0.5, "no epochs recorded", ha="center", transform=loss_ax.transAxes)
-    return _save(fig, out)
+    return _save(_use_fonts(fig, title), out)
 
 
 # ---- confusion matrix --------------------------------------------------------------------
@@ -236,7 +397,7 @@ def confusion_counts(
     return matrix, list(classes)
 
 
-def confusion_matrix(
+def plot_confusion_matrix(
     confusion_rows: Rows,
     split: str,
     classes: Sequence[str] | None,
@@ -244,6 +405,13 @@ def confusion_matrix(
     title: str | None = None,
 ) -> Path:
     """Heatmap of counts, true class down, predicted class across, each cell annotated."""
+    return _save(confusion_matrix_figure(confusion_rows, split, classes, title), out)
+
+
+def confusion_matrix_figure(
+    confusion_rows: Rows, split: str, classes: Sequence[str] | None, title: str | None = None
+) -> Figure:
+    """The figure plot_confusion_matrix saves."""
     matrix, classes = confusion_counts(confusion_rows, split, classes)
     k = len(classes)
     side = min(max(4.8, 0.55 * k + 2.8), 22)
@@ -270,11 +438,14 @@ def confusion_matrix(
                 fontweight="bold" if i == j else "normal",
             )
     names = [_short(c, 20) for c in classes]
+    # Upright while the names fit side by side (CJK letters count twice: they are wide).
+    widths = [sum(1 + (unicodedata.east_asian_width(c) in "WF") for c in n) for n in names]
+    upright = k <= 4 and max(widths, default=0) * k <= 24
     ax.set_xticks(
         range(k),
         names,
-        rotation=0 if k <= 4 else 45,
-        ha="center" if k <= 4 else "right",
+        rotation=0 if upright else 45,
+        ha="center" if upright else "right",
     )
     ax.set_yticks(range(k), names)
     ax.set_xlabel("predicted class")
@@ -283,7 +454,7 @@ def confusion_matrix(
     accuracy = f"accuracy {correct / n:.1%} ({correct}/{n})" if n else "no images"
     ax.set_title(f"{_title('Confusion matrix', title)}\n{split} split: {accuracy}", fontsize=11)
     fig.colorbar(image, ax=ax, shrink=0.8, label="images")
-    return _save(fig, out)
+    return _use_fonts(fig, title, classes)
 
 
 # ---- ROC ---------------------------------------------------------------------------------
@@ -322,13 +493,20 @@ def roc_curves(prediction_rows: Rows, split: str = "test") -> list[dict]:
     return curves
 
 
-def roc_curve(
+def plot_roc_curve(
     prediction_rows: Rows,
     out: str | os.PathLike,
     split: str = "test",
     title: str | None = None,
 ) -> Path:
     """ROC curve of a split's predicted probabilities; one-vs-rest for 3+ classes."""
+    return _save(roc_curve_figure(prediction_rows, split, title), out)
+
+
+def roc_curve_figure(
+    prediction_rows: Rows, split: str = "test", title: str | None = None
+) -> Figure:
+    """The figure plot_roc_curve saves."""
     rows = _split_rows(_rows(prediction_rows), split)
     curves = roc_curves(rows, split)
     binary = len(probability_classes(rows)) == 2
@@ -367,7 +545,7 @@ def roc_curve(
     heading = _title("ROC curve", title)
     ax.set_title(f"{heading}\n{split} split, n = {len(rows)}: {summary}")
     ax.legend(loc="lower right", fontsize=6 if many else 9)
-    return _save(fig, out)
+    return _use_fonts(fig, title, [c["class"] for c in curves])
 
 
 # ---- mistakes ----------------------------------------------------------------------------
@@ -390,6 +568,59 @@ def _thumbnail(path: Path, size: int = 256) -> np.ndarray | None:
         return None
 
 
+GALLERY_COLUMNS = 4
+GALLERY_CELL = (3.0, 3.3)  # inches per mistake: the image, two title lines, the file name
+GALLERY_MARGIN = 0.2  # inches left and right of the images
+GALLERY_GAP = 0.06  # inches between a text and what it labels
+
+
+def _text_width(text: Text, renderer, value: str) -> float:
+    """The width in pixels of `value` drawn as `text` (which is left showing `value`)."""
+    text.set_text(value)
+    return text.get_window_extent(renderer).width
+
+
+def _fit(text: Text, renderer, value, render: Callable[[str], str], width: float) -> str:
+    """render(value), `value` shortened in the middle until it fits `width` pixels as `text`.
+
+    `text` is left showing the result; the font is the text's own, fallbacks included,
+    so wide letters (CJK) are shortened more than narrow ones.
+    """
+    value = " ".join(str(value).split())
+    if _text_width(text, renderer, render(value)) <= width:
+        return render(value)
+    low, high = 1, len(value) - 1  # the longest _short(value, n) that fits, n in low..high
+    while low < high:
+        middle = (low + high + 1) // 2
+        if _text_width(text, renderer, render(_short(value, middle))) <= width:
+            low = middle
+        else:
+            high = middle - 1
+    result = render(_short(value, low))
+    text.set_text(result)
+    return result
+
+
+def _wrap(text: Text, renderer, paragraphs: Iterable[str], width: float) -> None:
+    """Set `text` to the paragraphs broken at spaces into lines of at most `width` pixels.
+
+    A word wider than a line on its own is shortened in the middle.
+    """
+    lines = []
+    for paragraph in paragraphs:
+        line = ""
+        for word in paragraph.split():
+            joined = f"{line} {word}" if line else word
+            if _text_width(text, renderer, joined) <= width:
+                line = joined
+                continue
+            if line:
+                lines.append(line)
+            line = _fit(text, renderer, word, str, width)
+        lines.append(line)
+    text.set_text("\n".join(lines))
+
+
 def mistakes_gallery(
     prediction_rows: Rows,
     data_root: str | os.PathLike,
@@ -399,50 +630,122 @@ def mistakes_gallery(
     title: str | None = None,
 ) -> Path:
     """The `n` most confident wrong predictions, each image with its true and predicted class."""
+    return _save(mistakes_figure(prediction_rows, data_root, n, split, title), out)
+
+
+def mistakes_figure(
+    prediction_rows: Rows,
+    data_root: str | os.PathLike,
+    n: int = 16,
+    split: str = "test",
+    title: str | None = None,
+) -> Figure:
+    """The figure mistakes_gallery saves: up to 4 images a row, 3.0 x 3.3 inches each.
+
+    Laid out by hand from the measured size of each text: every image has its title (true
+    and predicted class) above it and its file name below it, all inside the image's cell,
+    each line shortened with an ellipsis to the cell's width; the heading wraps to the
+    figure's width. So no text overlaps another or an image, or leaves the figure,
+    whatever the names and the number of mistakes.
+    """
     rows = _split_rows(_rows(prediction_rows), split)
     total_wrong = sum(r["true"] != r["predicted"] for r in rows)
     shown = worst_mistakes(rows, split, n)
-    if not shown:
-        fig = _figure(7, 2.4)
-        message = (
-            f"No mistakes: all {len(rows)} {split} images were classified correctly."
-            if rows
-            else f"No predictions for the {split} split."
-        )
-        fig.text(0.5, 0.45, message, ha="center", va="center", fontsize=13)
-        fig.suptitle(_title(f"Most confident mistakes on {split}", title), fontsize=13)
-        return _save(fig, out)
-    cols = min(4, len(shown))
-    rows_n = math.ceil(len(shown) / cols)
-    fig = _figure(3.0 * cols + 0.4, 3.3 * rows_n + 0.7)
-    axes = np.atleast_1d(fig.subplots(rows_n, cols, squeeze=False)).ravel()
-    for ax, row in zip(axes, shown, strict=False):
-        pixels = _thumbnail(Path(data_root) / row["path"])
-        if pixels is None:
-            ax.text(0.5, 0.5, "image not found", ha="center", va="center", color="0.4")
+    heading = _title(f"Most confident mistakes on {split}", title)
+    names = [r[k] for r in shown for k in ("true", "predicted")]
+    files = [Path(r["path"]).name for r in shown]
+    with _fonts_for(heading, names, files):
+        if not shown:
+            fig = Figure(figsize=(7, 2.4), dpi=DPI)
         else:
-            ax.imshow(pixels)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for spine in ax.spines.values():
-            spine.set_edgecolor(MISTAKE_COLOR)
-            spine.set_linewidth(2)
-        ax.set_title(
-            f"true: {_short(row['true'])}\n"
-            f"predicted: {_short(row['predicted'])} ({_float(row['probability']):.0%})",
-            fontsize=10,
-            color=MISTAKE_COLOR,
+            cols = min(GALLERY_COLUMNS, len(shown))
+            grid_rows = math.ceil(len(shown) / cols)
+            cell_width, cell_height = GALLERY_CELL
+            fig = Figure(
+                figsize=(cell_width * cols + 2 * GALLERY_MARGIN, cell_height * grid_rows + 0.7),
+                dpi=DPI,
+            )
+        FigureCanvasAgg(fig)
+        renderer = fig.canvas.get_renderer()
+        width, height = fig.bbox.width, fig.bbox.height  # pixels, like the texts' extents
+        margin, gap = GALLERY_MARGIN * fig.dpi, GALLERY_GAP * fig.dpi
+        header = fig.text(0.5, 1 - gap / height, "", ha="center", va="top", fontsize=12)
+        _wrap(header, renderer, [heading], width - 2 * margin)
+        if not shown:
+            message = (
+                f"No mistakes: all {len(rows)} {split} images were classified correctly."
+                if rows
+                else f"No predictions for the {split} split."
+            )
+            below = header.get_window_extent(renderer).y0 / height
+            body = fig.text(0.5, below / 2, "", ha="center", va="center", fontsize=13)
+            _wrap(body, renderer, [message], width - 2 * margin)
+            return fig
+        detail = fig.text(
+            0.5,
+            (header.get_window_extent(renderer).y0 - gap / 2) / height,
+            "",
+            ha="center",
+            va="top",
         )
-        ax.set_xlabel(_short(Path(row["path"]).name, 34), fontsize=8, color="0.35")
-    for ax in axes[len(shown) :]:
-        ax.set_axis_off()
-    fig.suptitle(
-        f"{_title(f'Most confident mistakes on {split}', title)}\n"
-        f"{total_wrong} of {len(rows)} images wrong, the {len(shown)} with the highest "
-        "predicted probability shown",
-        fontsize=12,
-    )
-    return _save(fig, out)
+        _wrap(
+            detail,
+            renderer,
+            [
+                f"{total_wrong} of {len(rows)} images wrong, the {len(shown)} with the highest "
+                "predicted probability shown"
+            ],
+            width - 2 * margin,
+        )
+        grid_top = detail.get_window_extent(renderer).y0 - 2 * gap
+        column = (width - 2 * margin) / cols
+        row_height = (grid_top - gap) / grid_rows
+        line = column - 3 * gap  # the widest a title or file name may be
+        cells = []
+        for i, row in enumerate(shown):
+            x = (margin + (i % cols + 0.5) * column) / width
+            top = grid_top - (i // cols) * row_height
+            probability = _float(row["probability"])
+            heading_text = fig.text(
+                x, top / height, "", ha="center", va="top", fontsize=10, color=MISTAKE_COLOR
+            )
+            lines = [
+                _fit(heading_text, renderer, row["true"], "true: {}".format, line),
+                _fit(
+                    heading_text,
+                    renderer,
+                    row["predicted"],
+                    lambda name, p=probability: f"predicted: {name} ({p:.0%})",
+                    line,
+                ),
+            ]
+            heading_text.set_text("\n".join(lines))
+            caption = fig.text(x, 0, "", ha="center", va="top", fontsize=8, color="0.35")
+            _fit(caption, renderer, Path(row["path"]).name, str, line)
+            cells.append((row, x, top, heading_text, caption))
+        title_height = max(c[3].get_window_extent(renderer).height for c in cells)
+        caption_height = max(c[4].get_window_extent(renderer).height for c in cells)
+        side = max(gap, min(line, row_height - title_height - caption_height - 4 * gap))
+        # Each title, image and file name as one block in the middle of its cell.
+        spare = (row_height - title_height - caption_height - 4 * gap - side) / 2
+        for row, x, top, heading_text, caption in cells:
+            heading_text.set_y((top - spare) / height)
+            image_top = top - spare - title_height - gap
+            caption.set_y((image_top - side - gap) / height)
+            ax = fig.add_axes(
+                (x - side / 2 / width, (image_top - side) / height, side / width, side / height)
+            )
+            pixels = _thumbnail(Path(data_root) / row["path"])
+            if pixels is None:
+                ax.text(0.5, 0.5, "image not found", ha="center", va="center", color="0.4")
+            else:
+                ax.imshow(pixels)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_edgecolor(MISTAKE_COLOR)
+                spine.set_linewidth(2)
+    return fig
 
 
 # ---- experiments compared ----------------------------------------------------------------
@@ -541,7 +844,7 @@ def compare_experiments(
     fig.suptitle(_title("Experiments on the test split", title), fontsize=13)
     if not rows:
         axes[0].text(0.5, 0.5, "no runs in the summary", ha="center", transform=axes[0].transAxes)
-    return _save(fig, out)
+    return _save(_use_fonts(fig, title, labels), out)
 
 
 # ---- tables for the report -----------------------------------------------------------------

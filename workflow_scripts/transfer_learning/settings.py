@@ -1,16 +1,27 @@
-"""Pure functions over the config: experiments, feature keys, setting hashes.
+"""The config as the stages see it: experiments, feature keys and one settings record a stage.
 
 `rules/common.smk` is the only place that reads the config; it calls these, so they are
-unit-tested without Snakemake.
+unit-tested without Snakemake. A stage's settings travel as ONE value: the rule passes the
+record as a JSON argument (`--settings`), the entry point parses it into the dataclass
+below, the stage function takes it, the checkpoint stores it and the resume key hashes it.
+Adding a setting is: schema, default in config/config.yaml, the record, the code using it.
+
+This module imports neither PyTorch nor torchvision: the workflow loads it on every start.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import itertools
 import json
+import types
+import typing
 from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .errors import UserError
 
 # What an experiment may override; the data are shared by all experiments.
 EXPERIMENT_SECTIONS = ("model", "seed", "features", "head", "finetune", "evaluate")
@@ -49,11 +60,22 @@ def expand_experiments(experiments: Mapping) -> dict[str, dict]:
     each key and its value), on top of the entry's other overrides.
     """
     expanded: dict[str, dict] = {}
+    origin: dict[str, str] = {}
+
+    def add(name: str, overrides: dict, source: str) -> None:
+        # A grid point named like another experiment would silently replace it.
+        if name in expanded:
+            raise UserError(
+                f"experiment name '{name}' is made twice: by {origin[name]} and by {source}; "
+                "rename one of them (config key experiments)"
+            )
+        expanded[name], origin[name] = overrides, source
+
     for name, overrides in experiments.items():
         overrides = dict(overrides or {})
         grid = overrides.pop("grid", None)
         if not grid:
-            expanded[name] = overrides
+            add(name, overrides, f"experiments.{name}")
             continue
         keys = list(grid)
         for values in itertools.product(*(grid[k] for k in keys)):
@@ -62,7 +84,8 @@ def expand_experiments(experiments: Mapping) -> dict[str, dict]:
             for key, value in zip(keys, values, strict=True):
                 set_dotted(combo, key, value)
                 parts.append(f"{key.split('.')[-1]}{_value_label(value)}")
-            expanded["_".join(parts)] = combo
+            point = ", ".join(f"{k}={v!r}" for k, v in zip(keys, values, strict=True))
+            add("_".join(parts), combo, f"the grid of experiments.{name} ({point})")
     return expanded
 
 
@@ -118,3 +141,185 @@ def schema_errors(instance: Mapping, schema: Mapping) -> list[str]:
             message = message.replace("Additional properties are not allowed", "unknown key")
         errors.append(f"config key {key}: {message}")
     return errors
+
+
+def numbers_from_text(instance, schema: Mapping) -> list[str]:
+    """Turn numeric text into numbers where the schema wants a number; returns what changed.
+
+    YAML 1.1 reads `1e-5` (no dot) as the string '1e-05'; a user means a number. Only values
+    the schema types as number are touched, so text settings stay text.
+    """
+    from jsonschema import Draft202012Validator
+
+    changed = []
+    for _ in range(100):  # each pass fixes every error it sees; nested ones may need more
+        fixed = False
+        for error in Draft202012Validator(schema).iter_errors(instance):
+            wanted = error.validator_value if error.validator == "type" else None
+            wanted = [wanted] if isinstance(wanted, str) else wanted or []
+            if "number" not in wanted or not isinstance(error.instance, str):
+                continue
+            try:
+                number = float(error.instance)
+            except ValueError:
+                continue
+            *parents, leaf = error.absolute_path
+            if not parents and leaf is None:
+                continue
+            target = instance
+            for part in parents:
+                target = target[part]
+            target[leaf] = number
+            changed.append(".".join(str(p) for p in error.absolute_path))
+            fixed = True
+        if not fixed:
+            return changed
+    return changed
+
+
+# ---- one settings record per stage -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Record:
+    """Base of the stage settings: strict parsing, JSON in and out, a stable digest."""
+
+    SECTION: typing.ClassVar[str] = ""
+
+    @classmethod
+    def from_mapping(cls, values: Mapping, where: str = ""):
+        where = where or f"config section {cls.SECTION}"
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise UserError(f"{where}: unknown setting(s) {', '.join(unknown)}")
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in values
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise UserError(f"{where}: missing setting(s) {', '.join(missing)}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(v, hints[k], f"{where}: {k}") for k, v in values.items()})
+
+    @classmethod
+    def from_json(cls, text: str, where: str = ""):
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UserError(
+                f"{where or cls.SECTION} settings are not valid JSON: {error}"
+            ) from None
+        if not isinstance(values, dict):
+            raise UserError(f"{where or cls.SECTION} settings must be a JSON object")
+        return cls.from_mapping(values, where)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(value, hint, where: str):
+    """JSON gives ints for floats and lists for tuples; anything else of the wrong type is an
+    error naming the setting."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if value is None and (hint is type(None) or type(None) in args):
+        return None
+    if origin in (typing.Union, types.UnionType):
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], where) for v in value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, str):
+        return value
+    if hint is dict and isinstance(value, dict):
+        return value
+    raise UserError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataSettings(Record):
+    """verify_dataset: what the data must look like (the data root is a path, not a setting)."""
+
+    SECTION: typing.ClassVar[str] = "data"
+    splits: tuple[str, ...]
+    expected_counts: dict | None = None
+    on_count_mismatch: str = "error"
+    duplicates: str = "error"
+    near_duplicate_distance: int = 4
+
+
+@dataclass(frozen=True)
+class FeatureSettings(Record):
+    """extract_features: everything that determines the cached features, and the batch size.
+
+    `weights` is the identity of the backbone weights (torchvision name, `file-<sha256>` of
+    a local file, or `random`), not a path.
+    """
+
+    SECTION: typing.ClassVar[str] = "features"
+    backbone: str
+    weights: str
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augmented_views: int
+    seed: int
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class HeadSettings(Record):
+    SECTION: typing.ClassVar[str] = "head"
+    epochs: int
+    lr: float
+    batch_size: int
+    dropout: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class FinetuneSettings(Record):
+    SECTION: typing.ClassVar[str] = "finetune"
+    epochs: int
+    lr: float
+    batch_size: int
+    unfreeze_blocks: int | None
+    warmup_epochs: int
+    patience: int
+    min_delta: float
+    seed: int
+    warmup_start_factor: float = 0.5
+    amp: bool = True
+    deterministic: bool = True
+
+
+@dataclass(frozen=True)
+class EvaluateSettings(Record):
+    SECTION: typing.ClassVar[str] = "evaluate"
+    batch_size: int = 64
+
+
+def stage_settings(experiment: Mapping, record: type[Record], name: str) -> Record:
+    """The record of one stage from an experiment's full config (its section plus the seed)."""
+    values = dict(experiment[record.SECTION])
+    if "seed" in {f.name for f in dataclasses.fields(record)}:
+        values["seed"] = experiment["seed"]
+    return record.from_mapping(values, f"experiment '{name}', config section {record.SECTION}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -19,20 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import models
-from .io import load_checkpoint, save_checkpoint
+from . import checkpoint, models
+from .errors import TrainingInterrupted, UserError
+from .io import write_tsv
 
 log = logging.getLogger("transfer_learning")
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
-
-
-class TrainingInterrupted(Exception):
-    """Slurm asked the job to stop (time limit ahead, preemption); state is saved."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by signal {signal.Signals(signum).name}")
-        self.signum = signum
 
 
 class StopSignals:
@@ -104,6 +98,38 @@ class FitResult:
     seconds: float
     resumed_from: int = 0
     stopped_early: bool = False
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed torch and ask for deterministic kernels.
+
+    On CPU this makes runs repeatable bit for bit. On CUDA, cuDNN's autotuner stays off when
+    deterministic; some backward kernels (atomics) still vary in the last bits, see README.
+    """
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        # cuBLAS needs a fixed workspace for repeatable results; set before CUDA starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # warn_only: kernels without a deterministic version (some index_add/scatter
+    # backward passes on CUDA) warn in the log instead of stopping the run.
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def warmup_then_constant(optimizer, warmup_epochs: int, start_factor: float):
+    """Linear warm-up from start_factor x lr over warmup_epochs, then constant lr."""
+
+    def factor(epoch: int) -> float:
+        if warmup_epochs <= 0 or epoch >= warmup_epochs:
+            return 1.0
+        return start_factor + (1.0 - start_factor) * epoch / warmup_epochs
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def write_history(path: str, history: list[dict]) -> None:
+    write_tsv(path, history, HISTORY_COLUMNS)
 
 
 def pick_device(prefer: str = "auto") -> torch.device:
@@ -192,6 +218,27 @@ def evaluate(
     return float(loss), correct_predictions(logits, labels, num_classes) / len(labels)
 
 
+def _resume_state(path, key: str, stage: str) -> checkpoint.ResumeState | None:
+    """The saved state to continue from, or None (no file, or one made for another run)."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        state = checkpoint.load_resume(path)
+    except UserError as error:
+        log.info("%s: ignoring %s: %s", stage, path, error)
+        return None
+    if state.key != key:
+        log.info(
+            "%s: ignoring %s, written for other settings or other inputs (key %s, now %s)",
+            stage,
+            path,
+            state.key,
+            key,
+        )
+        return None
+    return state
+
+
 def fit(
     model: nn.Module,
     train_loader_for: Callable[[int], object],
@@ -205,7 +252,7 @@ def fit(
     device: torch.device,
     early_stopping: EarlyStopping,
     resume_path: str | Path | None = None,
-    settings_hash: str = "",
+    resume_key: str = "",
     frozen: Sequence[nn.Module] = (),
     amp: bool = False,
     stage: str = "train",
@@ -214,8 +261,9 @@ def fit(
 
     `train_loader_for(epoch)` returns that epoch's loader (its order and augmentation depend
     on the epoch alone). The resume file holds model, optimizer, scheduler, grad scaler,
-    early-stopping state, best weights and history; it is only used when its settings hash
-    equals `settings_hash`, so a changed config never resumes a stale run.
+    early-stopping state, best weights and history; it is only used when its key equals
+    `resume_key` (settings and the content of every input, `checkpoint.resume_key`), so a
+    changed config or changed data never continue a stale run.
     """
     loss_fn = models.loss_function(num_classes)
     amp = amp and device.type == "cuda"
@@ -224,19 +272,16 @@ def fit(
     best_state = copy.deepcopy(model.state_dict())
     start_epoch, elapsed = 1, 0.0
 
-    if resume_path is not None and Path(resume_path).is_file():
-        state = load_checkpoint(resume_path)
-        if state.get("settings_hash") == settings_hash:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            early_stopping.load_state_dict(state["early_stopping"])
-            best_state, history = state["best_model"], state["history"]
-            start_epoch, elapsed = state["epoch"] + 1, state["seconds"]
-            log.info("%s: resuming after epoch %d from %s", stage, state["epoch"], resume_path)
-        else:
-            log.info("%s: ignoring %s, written for other settings", stage, resume_path)
+    state = _resume_state(resume_path, resume_key, stage)
+    if state is not None:
+        model.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        scaler.load_state_dict(state.scaler)
+        early_stopping.load_state_dict(state.early_stopping)
+        best_state, history = state.best_model, state.history
+        start_epoch, elapsed = state.epoch + 1, state.seconds
+        log.info("%s: resuming after epoch %d from %s", stage, state.epoch, resume_path)
     resumed_from = start_epoch - 1
 
     stopped_early = early_stopping.should_stop
@@ -295,19 +340,19 @@ def fit(
             )
             stopped_early = early_stopping.should_stop
             if resume_path is not None:
-                save_checkpoint(
-                    {
-                        "settings_hash": settings_hash,
-                        "epoch": epoch,
-                        "seconds": elapsed,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "early_stopping": early_stopping.state_dict(),
-                        "best_model": best_state,
-                        "history": history,
-                    },
+                checkpoint.save(
+                    checkpoint.ResumeState(
+                        key=resume_key,
+                        epoch=epoch,
+                        seconds=elapsed,
+                        model=model.state_dict(),
+                        optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(),
+                        scaler=scaler.state_dict(),
+                        early_stopping=early_stopping.state_dict(),
+                        best_model=best_state,
+                        history=history,
+                    ),
                     resume_path,
                 )
             if stopped_early:
