@@ -269,8 +269,10 @@ def all_targets():
 
 
 def code_version(script):
-    """Digest of the Python the rule runs: an edit there re-runs the rule (Snakemake's own
-    code trigger sees only the shell line)."""
+    """Digest of the Python a rule runs, as a tracked param: an edit there re-runs it.
+
+    Snakemake's own code trigger sees only the shell line.
+    """
     return tl_sources.code_digest(SCRIPTS / script)
 
 

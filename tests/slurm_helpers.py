@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import REPO, SNAKEMAKE, snake_env
+from helpers import REPO, SNAKEMAKE, snake_env
 
 CLUSTER_SCRIPTS = REPO / "tests" / "cluster"
 # What start.sh runs plus the clients the tests call.

@@ -1,9 +1,10 @@
 """The rest of the bad-input matrix, end to end through Snakemake.
 
-Data problems and config values are covered in test_verify.py and test_config.py; here:
-weights files that are missing or of another architecture (a clear error naming the
-culprit, nothing downstream started), and valid oddities that must go through every stage
-(each odd file ends up evaluated), with batch sizes larger than the splits.
+Data problems and config values are covered in test_verify.py, test_data_checks.py,
+test_settings.py and test_config.py; here: weights files that are missing or of another
+architecture (a clear error naming the culprit, nothing downstream started), and valid
+oddities that must go through every stage (each odd file ends up evaluated), with batch
+sizes larger than the splits.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import (
+from helpers import (
+    ODD_NAMES,
     SMALL_COUNTS,
     SMALL_DATA,
     STAGE_OUTPUTS,
+    add_oddities,
     assert_ok,
     job_stats,
     overlay,
@@ -27,7 +30,6 @@ from conftest import (
     write_images,
 )
 from PIL import Image
-from test_verify import ODD_NAMES, _add_oddities
 
 
 def _run_with_weights(workdir, weights):
@@ -85,7 +87,7 @@ def odd_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("oddities")
     root = write_images(workdir / SMALL_DATA, SMALL_COUNTS, size=48, seed=5)
     for split in ("train", "val", "test"):
-        _add_oddities(root / split / "cats")
+        add_oddities(root / split / "cats")
         if split != "train":
             _make_distinct(root / split / "cats", split)
     counts = {

@@ -322,3 +322,45 @@ def test_images_module_does_not_import_torch():
     subprocess.run(
         [sys.executable, "-c", code], cwd=REPO / "workflow_scripts", check=True, timeout=60
     )
+
+
+# ---- every kind of file a data set holds: grey, alpha, palette, CMYK, EXIF rotation -------
+
+
+def test_load_rgb_makes_every_kind_upright_rgb(tmp_path):
+    Image.new("L", (10, 10), 100).save(tmp_path / "grey.png")
+    grey = load_rgb(tmp_path / "grey.png")
+    assert grey.mode == "RGB" and grey.getpixel((3, 3)) == (100, 100, 100)
+
+    rgba = Image.new("RGBA", (10, 10), (255, 0, 0, 255))
+    rgba.paste((0, 255, 0, 0), (0, 0, 5, 10))  # left half fully transparent green
+    rgba.save(tmp_path / "alpha.png")
+    loaded = load_rgb(tmp_path / "alpha.png")
+    assert loaded.mode == "RGB"
+    assert loaded.getpixel((1, 1)) == (255, 255, 255)
+    assert loaded.getpixel((8, 1)) == (255, 0, 0)
+
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
+    palette.info["transparency"] = 0
+    palette.paste(0, (0, 0, 4, 8))
+    palette.save(tmp_path / "palette.png")
+    loaded = load_rgb(tmp_path / "palette.png")
+    assert loaded.getpixel((1, 1)) == (255, 255, 255) and loaded.getpixel((6, 1)) == (0, 0, 255)
+
+    Image.new("CMYK", (12, 12), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    with Image.open(tmp_path / "cmyk.jpg") as raw:
+        assert raw.mode == "CMYK"
+    r, g, b = load_rgb(tmp_path / "cmyk.jpg").getpixel((6, 6))
+    assert r > 230 and g < 25 and b < 25
+
+    rotated = Image.new("RGB", (40, 20), (255, 0, 0))
+    rotated.paste((0, 0, 255), (20, 0, 40, 20))  # left red, right blue, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise
+    rotated.save(tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    upright = load_rgb(tmp_path / "rotated.jpg")
+    assert upright.size == (20, 40)
+    top, bottom = upright.getpixel((10, 5)), upright.getpixel((10, 35))
+    assert top[0] > 230 and top[2] < 25  # red on top
+    assert bottom[2] > 230 and bottom[0] < 25  # blue below

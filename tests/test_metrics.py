@@ -1,5 +1,6 @@
-"""transfer_learning.metrics' ROC AUC: macro one-vs-rest for 3+ classes, checked against
-pair counting; binary runs unchanged (class index 1 positive)."""
+"""transfer_learning.metrics: ROC AUC, macro one-vs-rest for 3+ classes, checked against
+pair counting (binary runs unchanged, class index 1 positive); accuracy, loss, per-class
+precision, recall and F1, the confusion matrix and the ROC curve."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ sys.path.insert(0, str(REPO / "workflow_scripts"))
 
 from transfer_learning import metrics  # noqa: E402
 
-# The three-class example of test_stages.test_classification_metrics_three_classes_by_hand.
+# The three-class example of test_classification_metrics_three_classes_by_hand (below).
 TRUE3 = np.array([0, 0, 1, 1, 2, 2])
 PROBS3 = np.array(
     [
@@ -127,3 +128,72 @@ def test_macro_auc_rejects_mismatched_shapes():
         metrics.macro_roc_auc(TRUE3, PROBS3[:5])
     with pytest.raises(ValueError, match="shape"):
         metrics.macro_roc_auc(TRUE3, PROBS3[:, 0])
+
+
+# ---- accuracy, loss, per-class scores, confusion matrix, binary ROC AUC and curve ---------
+
+
+def test_classification_metrics_three_classes_by_hand():
+    true = np.array([0, 0, 1, 1, 2, 2])
+    probs = np.array(
+        [
+            [0.7, 0.2, 0.1],  # 0 -> 0
+            [0.3, 0.6, 0.1],  # 0 -> 1
+            [0.1, 0.8, 0.1],  # 1 -> 1
+            [0.2, 0.5, 0.3],  # 1 -> 1
+            [0.1, 0.1, 0.8],  # 2 -> 2
+            [0.5, 0.1, 0.4],  # 2 -> 0
+        ]
+    )
+    row = metrics.classification_metrics(true, probs, ["a", "b", "c"])
+    assert row["n"] == 6
+    assert row["accuracy"] == pytest.approx(4 / 6)
+    assert row["loss"] == pytest.approx(-np.mean(np.log([0.7, 0.3, 0.8, 0.5, 0.8, 0.4])))
+    assert (row["precision_a"], row["recall_a"], row["f1_a"]) == pytest.approx((0.5, 0.5, 0.5))
+    assert (row["precision_b"], row["recall_b"], row["f1_b"]) == pytest.approx((2 / 3, 1.0, 0.8))
+    assert (row["precision_c"], row["recall_c"], row["f1_c"]) == pytest.approx((1.0, 0.5, 2 / 3))
+    assert row["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    assert row["roc_auc"] == pytest.approx(11 / 12)  # macro one-vs-rest, by pair counts
+    assert metrics.confusion_matrix(true, probs.argmax(1), 3).tolist() == [
+        [1, 1, 0],
+        [0, 2, 0],
+        [1, 0, 1],
+    ]
+
+
+def test_class_never_predicted_has_zero_precision_not_nan():
+    row = metrics.classification_metrics(
+        np.array([0, 1]), np.array([[0.9, 0.1], [0.8, 0.2]]), ["x", "y"]
+    )
+    assert row["precision_y"] == 0.0 and row["recall_y"] == 0.0 and row["f1_y"] == 0.0
+    assert row["precision_x"] == 0.5 and row["recall_x"] == 1.0
+
+
+def _binary_auc_by_pairs(true, score):
+    pos, neg = score[true == 1], score[true == 0]
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_roc_auc_matches_pair_count(seed):
+    rng = np.random.default_rng(seed)
+    true = rng.integers(0, 2, 60)
+    true[:2] = [0, 1]
+    score = np.round(rng.random(60) * 0.5 + true * 0.3, 1)  # many ties
+    assert metrics.roc_auc(true, score) == pytest.approx(
+        _binary_auc_by_pairs(true, score), abs=1e-12
+    )
+    probs = np.stack([1 - score, score], 1)
+    row = metrics.classification_metrics(true, probs, ["neg", "pos"])
+    assert row["roc_auc"] == pytest.approx(_binary_auc_by_pairs(true, score), abs=1e-12)
+
+
+def test_roc_auc_edge_cases_and_curve():
+    assert metrics.roc_auc(np.array([1, 0]), np.array([0.9, 0.1])) == 1.0
+    assert metrics.roc_auc(np.array([1, 0]), np.array([0.1, 0.9])) == 0.0
+    assert metrics.roc_auc(np.array([1, 0]), np.array([0.5, 0.5])) == 0.5
+    assert math.isnan(metrics.roc_auc(np.array([1, 1]), np.array([0.3, 0.4])))
+    fpr, tpr = metrics.roc_curve(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(0.75)

@@ -14,8 +14,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import REPO, SCRIPTS, write_images
-from helpers import stage_checkpoint
+from helpers import REPO, SCRIPTS, stage_checkpoint, write_images
 from matplotlib import font_manager
 from matplotlib.ft2font import FT2Font
 from matplotlib.text import Text

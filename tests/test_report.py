@@ -8,7 +8,7 @@ import re
 import zipfile
 
 import pytest
-from conftest import REPO, assert_ok, snakemake
+from helpers import REPO, assert_ok, snakemake
 from PIL import Image
 
 DEMO_CONFIG = REPO / "config" / "demo.yaml"

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (
+from helpers import (
     REPO,
     SMALL_COUNTS,
     SMALL_DATA,

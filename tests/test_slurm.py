@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, jobs, overlay, snakemake, tail, write_images
+from helpers import REPO, jobs, overlay, snakemake, tail, write_images
 from slurm_helpers import (
     Cluster,
     Run,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import zipfile
 
-from conftest import REPO, assert_ok, job_stats, overlay, snakemake
+from helpers import REPO, assert_ok, job_stats, overlay, snakemake
 
 GRID_4 = {"sweep": {"grid": {"head.lr": [1.0e-3, 3.0e-3], "finetune.lr": [1.0e-4, 1.0e-3]}}}
 NAMES_4 = {

@@ -1,4 +1,5 @@
-"""Data verification: transfer_learning.verify on its own, and the verify_dataset rule.
+"""transfer_learning.verify: data verification on its own (the verify_dataset rule, through
+Snakemake, is tested in test_data_checks.py).
 
 Every broken tree is built from real generated JPEGs and then damaged the way real data
 sets are: empty files, cut-off downloads, bad bytes, text saved as .jpg, a forgotten
@@ -8,64 +9,36 @@ folder, an image copied into the test split, Finder litter.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import (
+from helpers import (
+    COUNTS,
+    ODD_NAMES,
     SCRIPTS,
-    assert_ok,
-    job_stats,
-    jobs,
-    overlay,
-    small_config,
-    snakemake,
+    add_oddities,
+    corrupt,
+    jpeg_bytes,
+    truncated,
     write_images,
 )
 from PIL import Image
 from transfer_learning import data, verify
 from transfer_learning.errors import UserError
 from transfer_learning.images import load_rgb
-from transfer_learning.io import read_tsv
 
 SPLITS = ["train", "val", "test"]
-COUNTS = {
-    "train": {"cats": 4, "dogs": 4},
-    "val": {"cats": 2, "dogs": 2},
-    "test": {"cats": 2, "dogs": 2},
-}
-MANIFEST_COLUMNS = [
-    "split", "class", "path", "bytes", "width", "height", "sha256", "pixel_sha256", "phash",
-]  # fmt: skip
 
 
 @pytest.fixture()
 def tree(tmp_path):
     return write_images(tmp_path / "images", COUNTS, size=32, seed=5)
-
-
-def _jpeg_bytes(colour=(200, 30, 30), size=(32, 32), mode="RGB", **save) -> bytes:
-    buffer = io.BytesIO()
-    Image.new(mode, size, colour).save(buffer, "JPEG", **save)
-    return buffer.getvalue()
-
-
-def _truncated(path) -> bytes:
-    raw = path.read_bytes()
-    return raw[: len(raw) * 6 // 10]
-
-
-def _corrupt(path) -> bytes:
-    """A JPEG that PIL opens but cannot decode: its quantisation-table marker is broken."""
-    raw = bytearray(path.read_bytes())
-    marker = raw.index(b"\xff\xdb")
-    raw[marker] = 0x00
-    return bytes(raw)
 
 
 def _any_image(tree, split, label):
@@ -101,14 +74,14 @@ def test_every_problem_reported_in_one_message(tree):
     cats = tree / "train" / "cats"
     good = sorted(cats.iterdir())[0]
     (cats / "empty.jpg").write_bytes(b"")
-    (cats / "cut.jpg").write_bytes(_truncated(good))
-    (cats / "bad.jpg").write_bytes(_corrupt(good))
+    (cats / "cut.jpg").write_bytes(truncated(good))
+    (cats / "bad.jpg").write_bytes(corrupt(good))
     (cats / "notes.jpg").write_text("not a picture, a shopping list\n")
     # One dog too few in train.
     sorted((tree / "train" / "dogs").iterdir())[0].unlink()
     # A class only the training split has.
     (tree / "train" / "birds").mkdir()
-    (tree / "train" / "birds" / "b.jpg").write_bytes(_jpeg_bytes((20, 90, 200)))
+    (tree / "train" / "birds" / "b.jpg").write_bytes(jpeg_bytes((20, 90, 200)))
     # The val split lost its dogs; a training image was copied into val.
     shutil.rmtree(tree / "val" / "dogs")
     shutil.copy(good, tree / "val" / "cats" / "copied.jpg")
@@ -224,40 +197,8 @@ def test_hidden_files_skipped_and_listed(tree):
     assert len(report.manifest) == 16
 
 
-ODD_NAMES = [
-    "grey.jpg",
-    "alpha.png",
-    "cmyk.jpg",
-    "plain.png",
-    "rotated.jpg",
-    "tiny.jpg",
-    "my cat photo.jpg",
-    "chat_éléphant_ü.jpg",
-    "UPPER.JPG",
-]
-
-
-def _add_oddities(folder):
-    """Valid images of unusual kinds and names, nine of them."""
-    Image.new("L", (40, 30), 90).save(folder / "grey.jpg")
-    rgba = Image.new("RGBA", (30, 30), (255, 0, 0, 255))
-    rgba.paste((0, 0, 0, 0), (0, 0, 15, 30))
-    rgba.save(folder / "alpha.png")
-    Image.new("CMYK", (30, 30), (0, 255, 255, 0)).save(folder / "cmyk.jpg")
-    Image.new("RGB", (36, 36), (10, 200, 10)).save(folder / "plain.png")
-    rotated = Image.new("RGB", (40, 20), (255, 0, 0))
-    rotated.paste((0, 0, 255), (20, 0, 40, 20))
-    exif = Image.Exif()
-    exif[0x0112] = 6  # shown rotated 90 degrees clockwise
-    rotated.save(folder / "rotated.jpg", exif=exif.tobytes(), quality=95)
-    Image.new("RGB", (16, 16), (120, 60, 30)).save(folder / "tiny.jpg")
-    Image.new("RGB", (33, 33), (1, 2, 3)).save(folder / "my cat photo.jpg")
-    Image.new("RGB", (34, 34), (4, 5, 6)).save(folder / "chat_éléphant_ü.jpg")
-    (folder / "UPPER.JPG").write_bytes(_jpeg_bytes((9, 9, 99)))
-
-
 def test_valid_oddities_pass_and_load_as_rgb(tree):
-    _add_oddities(tree / "train" / "cats")
+    add_oddities(tree / "train" / "cats")
     counts = {**COUNTS, "train": {"cats": 4 + len(ODD_NAMES), "dogs": 4}}
     report = verify.verify_dataset(tree, SPLITS, counts)
     assert report.ok, report.problems
@@ -316,17 +257,20 @@ def test_linked_folders_are_verified_and_walked(linked_tree):
 def test_digest_follows_links_for_added_removed_and_replaced_images(linked_tree):
     root, cats = linked_tree
     seen = [verify.tracking_digest(root, SPLITS)]
-    assert len(seen[0]) == 16 and int(seen[0], 16) >= 0
+    files, size, digest = re.fullmatch(
+        r"(\d+) files, (\d+) bytes, digest ([0-9a-f]{16})", seen[0]
+    ).groups()
+    assert int(files) > 0 and int(size) > 0 and int(digest, 16) >= 0
     assert verify.tracking_digest(root, SPLITS) == seen[0]  # stable
 
-    (cats / "new.jpg").write_bytes(_jpeg_bytes((10, 20, 30)))
+    (cats / "new.jpg").write_bytes(jpeg_bytes((10, 20, 30)))
     seen.append(verify.tracking_digest(root, SPLITS))
     (cats / "new.jpg").unlink()
     seen.append(verify.tracking_digest(root, SPLITS))
     assert seen[2] == seen[0]  # back to the same files
 
     victim = sorted(cats.iterdir())[0]
-    victim.write_bytes(_jpeg_bytes((250, 250, 0), size=(40, 40)))  # new content, same name
+    victim.write_bytes(jpeg_bytes((250, 250, 0), size=(40, 40)))  # new content, same name
     seen.append(verify.tracking_digest(root, SPLITS))
     assert len(set(seen)) == 3, seen
 
@@ -369,10 +313,10 @@ def test_digest_sees_structure_that_verification_judges(tree):
 
 def test_linked_image_file_is_tracked_through_its_target(tree, tmp_path):
     target = tmp_path / "outside.jpg"
-    target.write_bytes(_jpeg_bytes((1, 120, 240)))
+    target.write_bytes(jpeg_bytes((1, 120, 240)))
     (tree / "train" / "cats" / "linked.jpg").symlink_to(target)
     before = verify.tracking_digest(tree, SPLITS)
-    target.write_bytes(_jpeg_bytes((240, 120, 1), size=(48, 48)))
+    target.write_bytes(jpeg_bytes((240, 120, 1), size=(48, 48)))
     assert verify.tracking_digest(tree, SPLITS) != before
     report = verify.verify_dataset(tree, SPLITS, None)
     assert report.ok, report.problems
@@ -384,7 +328,7 @@ def test_linked_image_file_is_tracked_through_its_target(tree, tmp_path):
 
 
 def test_walk_lists_what_verification_reports(tree):
-    (tree / "train" / "stray.jpg").write_bytes(_jpeg_bytes())
+    (tree / "train" / "stray.jpg").write_bytes(jpeg_bytes())
     (tree / "test" / "cats" / "nested").mkdir()
     (tree / "val" / "cats" / "._x.jpg").write_bytes(b"\x00")
     walked = verify.walk_dataset(tree, SPLITS, stat=True)
@@ -453,7 +397,8 @@ def test_identical_pixels_within_one_split_only_warn(tree):
 
 def _photo():
     """A real photograph (matplotlib's sample of Grace Hopper, 512 x 600)."""
-    cbook = pytest.importorskip("matplotlib.cbook")
+    from matplotlib import cbook
+
     return Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
 
 
@@ -619,116 +564,3 @@ def test_bad_duplicate_settings_are_refused(tree):
         verify.verify_dataset(tree, SPLITS, duplicates="maybe")
     with pytest.raises(UserError, match="near_duplicate_distance"):
         verify.verify_dataset(tree, SPLITS, near_duplicate_distance=-1)
-
-
-# ---- the verify_dataset rule -------------------------------------------------------------
-
-
-def test_rule_passes_with_oddities_hidden_files_and_a_warned_count(tmp_path):
-    workdir = tmp_path / "work"
-    root = write_images(workdir / "data" / "images", COUNTS, size=32, seed=8)
-    _add_oddities(root / "train" / "cats")
-    (root / "train" / "cats" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
-    (root / "val" / "dogs" / "._dogs.9.jpg").write_bytes(b"\x00\x05\x16\x07")
-    sorted((root / "test" / "dogs").iterdir())[0].unlink()  # one short: only warned
-    counts = {**COUNTS, "train": {"cats": 4 + len(ODD_NAMES), "dogs": 4}}
-    config = small_config("data/images", counts, data={"on_count_mismatch": "warn"})
-    proc = snakemake(
-        workdir, "verify_dataset", "--configfile", overlay(tmp_path / "o.yaml", config)
-    )
-    assert_ok(proc, "verify_dataset")
-    assert job_stats(proc.stdout) == {"verify_dataset": 1}
-
-    manifest = read_tsv(workdir / "results" / "data" / "manifest.tsv")
-    assert list(manifest[0]) == MANIFEST_COLUMNS
-    assert len(manifest) == 16 - 1 + len(ODD_NAMES)
-    paths = {row["path"] for row in manifest}
-    assert {f"train/cats/{name}" for name in ODD_NAMES} <= paths
-    assert not any("/." in p for p in paths)
-    by_path = {row["path"]: row for row in manifest}
-    assert by_path["train/cats/tiny.jpg"]["width"] == "16"
-    for row in manifest:
-        assert len(row["sha256"]) == 64 and int(row["bytes"]) > 0
-        assert len(row["pixel_sha256"]) == 64 and len(row["phash"]) == 16
-
-    counts_rows = read_tsv(workdir / "results" / "data" / "counts.tsv")
-    assert list(counts_rows[0]) == ["split", "class", "found", "expected", "status"]
-    status = {(r["split"], r["class"]): (r["found"], r["status"]) for r in counts_rows}
-    assert status[("test", "dogs")] == ("1", "mismatch")
-    assert status[("train", "cats")] == (str(4 + len(ODD_NAMES)), "ok")
-
-    log = (workdir / "logs" / "verify_dataset.log").read_text()
-    assert "skipped hidden file train/cats/.DS_Store" in log
-    assert "skipped hidden file val/dogs/._dogs.9.jpg" in log
-    assert "test/dogs: found 1 usable images, expected 2" in log
-
-
-def test_rule_failure_lists_every_problem_and_starts_nothing_downstream(tmp_path):
-    workdir = tmp_path / "work"
-    root = write_images(workdir / "data" / "images", COUNTS, size=32, seed=9)
-    cats = root / "train" / "cats"
-    good = sorted(cats.iterdir())[0]
-    (cats / "empty.jpg").write_bytes(b"")
-    (cats / "cut.jpg").write_bytes(_truncated(good))
-    (cats / "bad.jpg").write_bytes(_corrupt(good))
-    (cats / "notes.jpg").write_text("hello\n")
-    shutil.copy(good, root / "test" / "dogs" / "leaked.jpg")
-    shutil.rmtree(root / "val" / "dogs")
-    config = small_config("data/images", COUNTS)
-    proc = snakemake(workdir, "--configfile", overlay(tmp_path / "o.yaml", config))
-    assert proc.returncode != 0
-
-    log = (workdir / "logs" / "verify_dataset.log").read_text()
-    # One message, every problem in it, each naming its file or folder.
-    assert log.count("problem(s) in the data under") == 1
-    for needle in (
-        "train/cats/empty.jpg: zero-byte file",
-        "train/cats/cut.jpg: truncated image",
-        "train/cats/bad.jpg: corrupt image",
-        "train/cats/notes.jpg: not an image",
-        "test/dogs/leaked.jpg",
-        "split val/ lacks class folder(s) ['dogs']",
-        "test/dogs: found 3 usable images, expected 2",
-    ):
-        assert needle in log, f"{needle!r} not in the log:\n{log}"
-    assert "Nothing downstream was started" in log
-
-    # Snakemake started verify_dataset and nothing after it.
-    started = {job["rule"] for job in jobs(proc.stdout)}
-    assert started == {"verify_dataset"}, started
-    assert "Error in rule verify_dataset" in proc.stdout
-    for absent in (
-        "results/features",
-        "results/baseline",
-        "logs/extract_features",
-        "results/summary.tsv",
-    ):
-        assert not (workdir / absent).exists(), absent
-    # And verify_dataset itself left no output behind for a later run to trust.
-    assert not (workdir / "results/data/manifest.tsv").exists()
-    assert not (workdir / "results/data/counts.tsv").exists()
-
-
-def test_rule_names_a_missing_data_root(tmp_path):
-    workdir = tmp_path / "work"
-    config = small_config("data/nowhere", COUNTS)
-    proc = snakemake(
-        workdir, "verify_dataset", "--configfile", overlay(tmp_path / "o.yaml", config)
-    )
-    assert proc.returncode != 0
-    log = (workdir / "logs" / "verify_dataset.log").read_text()
-    assert "data root data/nowhere does not exist (config key data.root)" in log
-
-
-def test_rule_accepts_braces_in_file_names(tmp_path):
-    workdir = tmp_path / "work"
-    root = write_images(workdir / "data" / "images", COUNTS, size=32, seed=10)
-    (root / "train" / "cats" / "photo {1}.jpg").write_bytes(_jpeg_bytes((50, 150, 250)))
-    counts = {**COUNTS, "train": {"cats": 5, "dogs": 4}}
-    config = small_config("data/images", counts)
-    proc = snakemake(
-        workdir, "verify_dataset", "--configfile", overlay(tmp_path / "o.yaml", config)
-    )
-    assert_ok(proc, "verify_dataset")
-    paths = {row["path"] for row in read_tsv(workdir / "results" / "data" / "manifest.tsv")}
-    assert "train/cats/photo {1}.jpg" in paths

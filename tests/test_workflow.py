@@ -1,17 +1,17 @@
 """The whole workflow through the real Snakemake command line on small generated data:
-outputs and their columns, what re-runs after which change, rule declarations, and
-bit-for-bit repeatability on CPU."""
+outputs and their columns, the jobs' logs, benchmarks and resources, what re-runs after which
+change, and bit-for-bit repeatability on CPU. Rule declarations are checked in test_lint.py."""
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 
 import pytest
 import torch
 import yaml
-from conftest import (
+from helpers import (
+    GPU_RULES,
     REPO,
     SMALL_DATA,
     STAGE_OUTPUTS,
@@ -36,7 +36,6 @@ METRIC_COLUMNS = [
 ]  # fmt: skip
 PREDICTION_COLUMNS = ["split", "path", "true", "predicted", "probability", "p_cats", "p_dogs"]
 SUMMARY_FIRST_COLUMNS = ["experiment", "stage", "test_accuracy", "test_macro_f1", "test_roc_auc"]
-GPU_RULES = {"extract_features", "finetune", "evaluate"}
 # Rules up to and including the head: a change to fine tuning must never re-run them.
 BEFORE_FINETUNE = {
     "make_demo_data",
@@ -185,49 +184,6 @@ def test_gpu_rules_request_a_gpu_and_threads(small_run):
             assert int(resources["mem_mb"]) > 0 and int(resources["runtime"]) > 0
         else:
             assert "gpu" not in resources, job
-
-
-def _rule_blocks():
-    blocks = {}
-    for path in sorted((REPO / "rules").glob("*.smk")):
-        text = path.read_text()
-        starts = list(re.finditer(r"^[ \t]*rule (\w+):", text, re.M))
-        if not starts:  # helpers only (common.smk)
-            continue
-        for match, following in zip(starts, starts[1:] + [None], strict=True):
-            end = following.start() if following else len(text)
-            blocks[match.group(1)] = (path.name, text[match.start() : end])
-    return blocks
-
-
-def test_every_rule_declares_log_benchmark_threads_resources(tmp_path):
-    blocks = _rule_blocks()
-    listed = snakemake(
-        tmp_path / "work", "--list-rules", "--configfile", REPO / "config" / "demo.yaml", cores=None
-    )
-    assert_ok(listed, "--list-rules")
-    names = set(re.findall(r"^(\w+)$", listed.stdout, re.M)) - {"all"}
-    assert names and names <= set(blocks), names - set(blocks)
-    for name, (file, block) in blocks.items():
-        for directive in ("log:", "benchmark:", "threads:", "resources:"):
-            assert re.search(rf"^\s+{directive}", block, re.M), (
-                f"{file}: rule {name} lacks {directive}"
-            )
-        gpu = re.search(r"^\s+gpu\s*=\s*1\s*,?\s*$", block, re.M)
-        assert bool(gpu) == (name in GPU_RULES), f"{file}: rule {name} gpu declaration"
-
-
-def test_no_site_settings_in_rules():
-    """Partitions, accounts, QOS and node constraints belong to the profile, not the rules."""
-    pattern = re.compile(
-        r"(?<![\w-])(slurm_partition|slurm_account|partition|account|qos|constraint|"
-        r"gpu-shared|gpu-debug|sbatch|--gres|--gpus)(?![\w-])",
-        re.I,
-    )
-    for path in [REPO / "Snakefile", *sorted((REPO / "rules").glob("*.smk"))]:
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            code = line.split("#", 1)[0]
-            assert not pattern.search(code), f"{path.name}:{number}: {line.strip()}"
 
 
 # ---- re-runs -----------------------------------------------------------------------------

@@ -18,16 +18,13 @@ from transfer_learning.settings import EvaluateSettings
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--manifest", required=True)
-    parser.add_argument("--data-root", required=True)
+    cli.add_images(parser)
     parser.add_argument("--splits", nargs="+", required=True)
     parser.add_argument("--weights-file", type=cli.optional, default=None)
-    parser.add_argument("--threads", type=int, default=cli.threads_default())
-    parser.add_argument("--max-workers", type=int, default=8)
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--metrics", required=True)
     parser.add_argument("--predictions", required=True)
     parser.add_argument("--confusion", required=True)
+    cli.add_runtime(parser)
     cli.add_settings(parser, EvaluateSettings)
     args = parser.parse_args()
     stages.evaluate(

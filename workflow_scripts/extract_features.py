@@ -18,8 +18,7 @@ from transfer_learning.settings import FeatureSettings
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--manifest", required=True)
-    parser.add_argument("--data-root", required=True)
+    cli.add_images(parser)
     parser.add_argument("--split", required=True)
     parser.add_argument(
         "--train-split",
@@ -27,10 +26,8 @@ def main() -> None:
         help="the split that gets augmented views and calibrates random-init BatchNorm",
     )
     parser.add_argument("--weights-file", type=cli.optional, default=None)
-    parser.add_argument("--threads", type=int, default=cli.threads_default())
-    parser.add_argument("--max-workers", type=int, default=8)
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--output", required=True)
+    cli.add_runtime(parser)
     cli.add_settings(parser, FeatureSettings)
     args = parser.parse_args()
     stages.extract_features(

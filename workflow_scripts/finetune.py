@@ -19,16 +19,13 @@ from transfer_learning.settings import FinetuneSettings
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--head", required=True, help="checkpoint of train_head")
-    parser.add_argument("--manifest", required=True)
-    parser.add_argument("--data-root", required=True)
+    cli.add_images(parser)
     parser.add_argument("--splits", nargs=2, required=True, metavar=("TRAIN", "VAL"))
     parser.add_argument("--weights-file", type=cli.optional, default=None)
-    parser.add_argument("--threads", type=int, default=cli.threads_default())
-    parser.add_argument("--max-workers", type=int, default=8)
     parser.add_argument("--resume", type=cli.optional, default=None)
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--output", required=True)
     parser.add_argument("--history", required=True)
+    cli.add_runtime(parser)
     cli.add_settings(parser, FinetuneSettings)
     args = parser.parse_args()
     stages.finetune(

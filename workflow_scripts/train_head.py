@@ -19,9 +19,9 @@ def main() -> None:
     parser.add_argument("--train-features", required=True)
     parser.add_argument("--val-features", required=True)
     parser.add_argument("--resume", type=cli.optional, default=None)
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--output", required=True)
     parser.add_argument("--history", required=True)
+    cli.add_runtime(parser)
     cli.add_settings(parser, HeadSettings)
     args = parser.parse_args()
     stages.train_head(

@@ -49,6 +49,20 @@ def threads_default() -> int:
     return int(os.environ.get("SLURM_CPUS_PER_TASK", os.cpu_count() or 1))
 
 
+def add_images(parser: argparse.ArgumentParser) -> None:
+    """Where a stage's images are: the verified manifest and the data root it is relative to."""
+    parser.add_argument("--manifest", required=True, help="manifest.tsv of verify_dataset")
+    parser.add_argument("--data-root", required=True)
+
+
+def add_runtime(parser: argparse.ArgumentParser) -> None:
+    """How a stage runs (never what it computes): CPUs for loader workers, the device."""
+    group = parser.add_argument_group("runtime (speed only, never the results)")
+    group.add_argument("--threads", type=int, default=threads_default())
+    group.add_argument("--max-workers", type=int, default=8, help="cap on loader processes")
+    group.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:0")
+
+
 def _flag_type(hint):
     """argparse type and nargs of one settings field."""
     args = typing.get_args(hint)

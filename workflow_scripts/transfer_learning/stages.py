@@ -177,28 +177,39 @@ def train_head(
         resume_key=checkpoint.resume_key(settings, inputs),
         stage="train_head",
     )
-    saved = StageCheckpoint(
+    return _keep(
+        result,
+        settings,
+        output=output,
+        history=history,
+        resume=resume,
         stage="head",
         identity=train.identity,
         feature_dim=int(train.features.shape[1]),
         dropout=settings.dropout,
+        head={k: v.cpu() for k, v in result.best_state.items()},
+        backbone_state=train.backbone_state,
+    )
+
+
+def _keep(result, settings, *, output: str, history: str, resume: str | None, **fields):
+    """Write a training stage's outputs: history, then the checkpoint of its best epoch.
+
+    The resume state goes only once both are complete.
+    """
+    saved = StageCheckpoint(
         settings=settings.to_dict(),
         best_epoch=result.best_epoch,
         best_val_loss=result.best_val_loss,
         epochs_run=len(result.history),
         train_seconds=result.seconds,
-        head={k: v.cpu() for k, v in result.best_state.items()},
-        backbone_state=train.backbone_state,
+        **fields,
     )
     write_history(history, result.history)
     checkpoint.save(saved, output)
-    _remove(resume)
+    if resume:
+        Path(resume).unlink(missing_ok=True)
     return saved
-
-
-def _remove(path: str | None) -> None:
-    if path:
-        Path(path).unlink(missing_ok=True)
 
 
 def finetune(
@@ -272,23 +283,19 @@ def finetune(
         amp=settings.amp,
         stage="finetune",
     )
-    saved = StageCheckpoint(
+    return _keep(
+        result,
+        settings,
+        output=output,
+        history=history,
+        resume=resume,
         stage="finetune",
         identity=identity,
         feature_dim=start.feature_dim,
         dropout=start.dropout,
-        settings=settings.to_dict(),
-        best_epoch=result.best_epoch,
-        best_val_loss=result.best_val_loss,
-        epochs_run=len(result.history),
-        train_seconds=result.seconds,
         model={k: v.cpu() for k, v in result.best_state.items()},
         trainable_parameters=trainable,
     )
-    write_history(history, result.history)
-    checkpoint.save(saved, output)
-    _remove(resume)
-    return saved
 
 
 def evaluate(

@@ -1,0 +1,148 @@
+"""transfer_learning.train: the training loop both stages use, early stopping, warm-up, and
+its resume file (interrupted by SIGUSR1 as Slurm does; resumed, it equals an uninterrupted
+run). On a toy problem: a head on random features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import StopAfter
+from torch import nn
+from torch.utils.data import TensorDataset
+from transfer_learning import data, io, models, train
+
+
+def _toy_problem(flip_val: bool):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 8, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    xv = torch.randn(48, 8, generator=g)
+    yv = (xv[:, 0] + 0.5 * xv[:, 1] > 0).long()
+    if flip_val:
+        yv = 1 - yv  # learning the training rule makes validation worse
+    return TensorDataset(x, y), TensorDataset(xv, yv)
+
+
+def _toy_model(train_set, init_seed=0, lr=0.05):
+    torch.manual_seed(init_seed)
+    head = models.Head(8, 2, dropout=0.3)
+    head.fit_standardisation(train_set.tensors[0])
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+    scheduler = train.warmup_then_constant(optimizer, 2, 0.5)
+    return head, optimizer, scheduler
+
+
+def _fit(train_set, val_set, model, optimizer, scheduler, *, epochs, early, resume=None, **kw):
+    return train.fit(
+        model,
+        lambda epoch: data.make_loader(train_set, 16, shuffle=True, seed=5, epoch=epoch),
+        data.make_loader(val_set, 64),
+        optimizer,
+        scheduler,
+        num_classes=2,
+        epochs=epochs,
+        seed=5,
+        device=torch.device("cpu"),
+        early_stopping=early,
+        resume_path=resume,
+        resume_key=kw.pop("resume_key", "toy"),
+        **kw,
+    )
+
+
+def test_early_stopping_step_respects_min_delta():
+    early = train.EarlyStopping(patience=2, min_delta=1e-3)
+    assert early.step(1.0, 1)
+    assert not early.step(0.9995, 2)  # better, but by less than min_delta
+    assert not early.should_stop
+    assert not early.step(1.2, 3)
+    assert early.should_stop and early.best_epoch == 1
+    assert not train.EarlyStopping(patience=None).should_stop
+
+
+def test_fit_stops_early_and_keeps_the_best_epoch():
+    train_set, val_set = _toy_problem(flip_val=True)
+    model, optimizer, scheduler = _toy_model(train_set)
+    result = _fit(
+        train_set, val_set, model, optimizer, scheduler, epochs=30,
+        early=train.EarlyStopping(patience=2),
+    )  # fmt: skip
+    val_losses = [row["val_loss"] for row in result.history]
+    assert result.stopped_early
+    assert len(result.history) == result.best_epoch + 2 < 30
+    assert result.best_epoch == 1 + int(np.argmin(val_losses))
+    assert result.best_val_loss == min(val_losses)
+    assert [row["epoch"] for row in result.history] == list(range(1, len(val_losses) + 1))
+    # Linear warm-up over two epochs from half the lr, then the full lr.
+    assert [row["lr"] for row in result.history[:3]] == pytest.approx([0.025, 0.0375, 0.05])
+    # The weights kept are the best epoch's: they give exactly its validation loss.
+    model.load_state_dict(result.best_state)
+    loss, _ = train.evaluate(
+        model, data.make_loader(val_set, 64), nn.BCEWithLogitsLoss(), 2, torch.device("cpu")
+    )
+    assert loss == pytest.approx(result.history[result.best_epoch - 1]["val_loss"], abs=1e-6)
+
+
+def _history_without_seconds(history):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def test_fit_resumed_after_interruption_equals_uninterrupted(tmp_path):
+    train_set, val_set = _toy_problem(flip_val=False)
+    model, optimizer, scheduler = _toy_model(train_set)
+    full = _fit(
+        train_set, val_set, model, optimizer, scheduler, epochs=6,
+        early=train.EarlyStopping(patience=10), resume=tmp_path / "full.pt",
+    )  # fmt: skip
+    full_weights = {k: v.clone() for k, v in model.state_dict().items()}
+
+    resume = tmp_path / "resume.pt"
+    model, optimizer, scheduler = _toy_model(train_set)
+    val_loader = data.make_loader(val_set, 64)
+
+    def interrupted_loader_for(epoch):
+        loader = data.make_loader(train_set, 16, shuffle=True, seed=5, epoch=epoch)
+        return StopAfter(loader, 2) if epoch == 4 else loader
+
+    with pytest.raises(train.TrainingInterrupted):
+        train.fit(
+            model, interrupted_loader_for, val_loader, optimizer, scheduler,
+            num_classes=2, epochs=6, seed=5, device=torch.device("cpu"),
+            early_stopping=train.EarlyStopping(patience=10), resume_path=resume,
+            resume_key="toy",
+        )  # fmt: skip
+    saved = io.load_checkpoint(resume)
+    assert saved["epoch"] == 3 and len(saved["history"]) == 3
+
+    # A new process: other initial weights, fresh optimizer; everything comes from the file.
+    model, optimizer, scheduler = _toy_model(train_set, init_seed=99)
+    resumed = _fit(
+        train_set, val_set, model, optimizer, scheduler, epochs=6,
+        early=train.EarlyStopping(patience=10), resume=resume,
+    )  # fmt: skip
+    assert resumed.resumed_from == 3
+    assert _history_without_seconds(resumed.history) == _history_without_seconds(full.history)
+    assert resumed.best_epoch == full.best_epoch
+    for key, value in full_weights.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    for key, value in full.best_state.items():
+        assert torch.equal(resumed.best_state[key], value), key
+
+
+def test_fit_ignores_a_resume_file_of_other_settings(tmp_path):
+    train_set, val_set = _toy_problem(flip_val=False)
+    resume = tmp_path / "resume.pt"
+    model, optimizer, scheduler = _toy_model(train_set)
+    _fit(
+        train_set, val_set, model, optimizer, scheduler, epochs=2,
+        early=train.EarlyStopping(), resume=resume, resume_key="old",
+    )  # fmt: skip
+    assert io.load_checkpoint(resume)["epoch"] == 2
+    model, optimizer, scheduler = _toy_model(train_set)
+    result = _fit(
+        train_set, val_set, model, optimizer, scheduler, epochs=3,
+        early=train.EarlyStopping(), resume=resume, resume_key="new",
+    )  # fmt: skip
+    assert result.resumed_from == 0
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
