@@ -269,7 +269,7 @@ def all_targets():
 
 
 def code_version(script):
-    """Digest of the Python a rule runs, as a tracked param: an edit there re-runs it.
+    """Digest of the Python that runs for a rule, a tracked param: an edit there re-runs it.
 
     Snakemake's own code trigger sees only the shell line.
     """
