@@ -140,6 +140,7 @@ def _resolve(name, exp):
         "augmented_views": views,
         "seed": seed,
         "batch_size": exp["features"]["batch_size"],
+        "augment": exp["augment"],
     }
     settings = {
         record.SECTION: _record_of(exp, record, name)
@@ -158,6 +159,7 @@ def _resolve(name, exp):
             std,
             views,
             exp["seed"],
+            exp["augment"],
         ),
         "weights_file": weights_file,
         "features": _record(

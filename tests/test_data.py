@@ -65,3 +65,31 @@ def test_training_loaders_never_end_on_a_batch_of_one(n, batch):
         sizes = [len(y) for _, y in loader]
         assert min(sizes) > 1 or n == 1, sizes
         assert sum(sizes) >= n - 1
+
+
+def test_augmentation_follows_the_config():
+    from torchvision import transforms as T
+    from transfer_learning.settings import AugmentSettings
+
+    def kinds(**augment):
+        steps = data.train_transform(32, MEAN, STD, AugmentSettings(**augment)).transforms
+        return [type(step) for step in steps]
+
+    default = kinds()
+    assert default[:2] == [T.RandomResizedCrop, T.RandomHorizontalFlip]
+    assert T.RandomRotation not in default and T.ColorJitter not in default
+    assert kinds(horizontal_flip=False, crop_scale=None)[0] is T.Resize
+    assert T.RandomHorizontalFlip not in kinds(horizontal_flip=False)
+    everything = kinds(vertical_flip=True, rotation=15, color_jitter=0.3, trivial_augment=True)
+    for kind in (T.RandomVerticalFlip, T.RandomRotation, T.ColorJitter, T.TrivialAugmentWide):
+        assert kind in everything
+    # A symbol that must not be mirrored stays unmirrored in every augmented view.
+    image = torch.zeros(3, 32, 32)
+    image[:, :, :8] = 1.0  # a bar on the left
+    picture = T.ToPILImage()(image)
+    no_flip = data.train_transform(
+        32, [0, 0, 0], [1, 1, 1], AugmentSettings(horizontal_flip=False, crop_scale=None)
+    )
+    for seed in range(20):
+        torch.manual_seed(seed)
+        assert no_flip(picture)[:, :, :8].mean() > 0.9

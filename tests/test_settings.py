@@ -3,8 +3,12 @@ key, schema errors named all at once, numbers written as text. No Snakemake."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 from helpers import MEAN, REPO, STD
 from transfer_learning import settings
+from transfer_learning.errors import UserError
 
 
 def test_deep_merge_merges_mappings_and_replaces_the_rest():
@@ -146,3 +150,46 @@ def test_numbers_from_text_touches_only_number_keys():
     assert sorted(changed) == ["lr", "nested.x"]
     config = {"lr": "fast"}
     assert settings.numbers_from_text(config, schema) == [] and config == {"lr": "fast"}
+
+
+def test_feature_key_tracks_the_augmentation_only_with_augmented_views():
+    flip = {"horizontal_flip": True}
+    no_flip = {"horizontal_flip": False}
+    assert _key(augment=flip) == _key(augment=no_flip)  # no augmented views: no effect
+    assert _key(augmented_views=1, augment=flip) != _key(augmented_views=1, augment=no_flip)
+
+
+def test_every_record_field_is_a_schema_key_and_the_reverse():
+    """A setting added to the schema but not to its record (or the reverse) cannot slip by."""
+    import yaml
+
+    schema = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())["properties"]
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    shared = {"seed", "augment"}
+    for record in (
+        settings.AugmentSettings,
+        settings.HeadSettings,
+        settings.FinetuneSettings,
+        settings.EvaluateSettings,
+    ):
+        fields = {f.name for f in dataclasses.fields(record)}
+        keys = set(schema[record.SECTION]["properties"])
+        assert fields - shared == keys - shared, record.SECTION
+        # The defaults file gives every record a complete, valid section.
+        section = dict(config[record.SECTION])
+        section.update({k: config[k] for k in shared & fields})
+        assert record.from_mapping(section)
+    data_fields = {f.name for f in dataclasses.fields(settings.DataSettings)}
+    assert data_fields <= set(schema["data"]["properties"])
+    feature_fields = {f.name for f in dataclasses.fields(settings.FeatureSettings)}
+    assert set(schema["features"]["properties"]) <= feature_fields
+
+
+def test_finetune_record_rejects_what_cannot_run():
+    base = dict(epochs=1, lr=1.0, batch_size=1, unfreeze_blocks=None, warmup_epochs=0,
+                patience=1, min_delta=0.0, seed=1)  # fmt: skip
+    assert settings.FinetuneSettings.from_mapping(base).batchnorm == "frozen"
+    with pytest.raises(UserError, match="batch_size 1 cannot train BatchNorm"):
+        settings.FinetuneSettings.from_mapping({**base, "batchnorm": "train"})
+    with pytest.raises(UserError, match="crop_scale"):
+        settings.FinetuneSettings.from_mapping({**base, "augment": {"crop_scale": [0.9, 0.2]}})

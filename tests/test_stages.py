@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchvision
 from helpers import MEAN, STD, StopAfter, write_images
-from transfer_learning import checkpoint, io, models, stages, train, verify
+from transfer_learning import checkpoint, data, io, models, stages, train, verify
 from transfer_learning.settings import (
     EvaluateSettings,
     FeatureSettings,
@@ -346,3 +346,49 @@ def test_six_training_images_with_batch_five_train_every_stage(tmp_path):
     )  # fmt: skip
     assert result.epochs_run == 2
     assert tree
+
+
+# ---- fine tuning starts where the head ended -----------------------------------------------
+
+
+def _finetune_settings(**changes):
+    return FinetuneSettings(
+        epochs=2, lr=1e-3, batch_size=16, unfreeze_blocks=None, warmup_epochs=1,
+        patience=5, min_delta=0.0, seed=7,
+    ).replace(**changes)  # fmt: skip
+
+
+def test_model_for_finetune_gives_the_heads_logits_before_any_step(
+    small_tree, features, head_checkpoint
+):
+    """Same un-augmented images: the assembled model on pixels == the head on cached features."""
+    _, root, manifest = small_tree
+    start = checkpoint.load_stage(head_checkpoint)
+    model, frozen = stages.model_for_finetune(start, _finetune_settings())
+    model.eval()
+    identity = start.identity
+    rows = data.split_records(data.read_manifest(manifest), "val")
+    dataset = data.ImageDataset(
+        root, rows, identity.classes, identity.image_size, identity.mean, identity.std
+    )
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    cached = checkpoint.load_features(features["val"])
+    with torch.no_grad():
+        from_pixels = model(images.contiguous(memory_format=torch.channels_last))
+        from_features = model.head(cached.features[cached.views == 0])
+    assert torch.allclose(from_pixels, from_features, atol=1e-5), (
+        (from_pixels - from_features).abs().max()
+    )
+
+
+@pytest.mark.parametrize("batchnorm", ["frozen", "train"])
+def test_batchnorm_setting_decides_what_trains_in_train_mode(head_checkpoint, batchnorm):
+    start = checkpoint.load_stage(head_checkpoint)
+    model, frozen = stages.model_for_finetune(start, _finetune_settings(batchnorm=batchnorm))
+    models.train_mode(model, frozen)
+    norms = models.batchnorm_layers(model)
+    last = norms[-1]  # in the unfrozen last block
+    assert last.weight.requires_grad  # its weights train either way
+    assert last.training == (batchnorm == "train")
+    assert not norms[0].training  # a frozen block's statistics never move
+    assert model.head.dropout.training

@@ -146,3 +146,31 @@ def test_fit_ignores_a_resume_file_of_other_settings(tmp_path):
     )  # fmt: skip
     assert result.resumed_from == 0
     assert [row["epoch"] for row in result.history] == [1, 2, 3]
+
+
+def test_early_stopping_on_validation_accuracy_wants_it_higher():
+    early = train.EarlyStopping(patience=2, min_delta=0.01, monitor="val_accuracy")
+    assert early.step(0.5, 1) and early.step(0.7, 2)
+    assert not early.step(0.705, 3)  # better by less than min_delta
+    assert not early.step(0.6, 4)
+    assert early.should_stop and early.best_epoch == 2 and early.best == 0.7
+
+
+def test_fit_keeps_the_epoch_the_monitor_picks_and_says_why():
+    train_set, val_set = _toy_problem(flip_val=True)
+    by_accuracy = _fit(
+        train_set, val_set, *_toy_model(train_set), epochs=8,
+        early=train.EarlyStopping(patience=3, monitor="val_accuracy"),
+    )  # fmt: skip
+    accuracies = [row["val_acc"] for row in by_accuracy.history]
+    assert by_accuracy.best_epoch == 1 + int(np.argmax(accuracies))
+    kept = by_accuracy.best_epoch
+    assert by_accuracy.best_val_loss == by_accuracy.history[kept - 1]["val_loss"]
+    assert by_accuracy.kept.startswith(f"epoch {kept} of {len(accuracies)}: highest val_accuracy")
+
+    last = _fit(
+        train_set, val_set, *_toy_model(train_set), epochs=4,
+        early=train.EarlyStopping(patience=10), restore_best=False,
+    )  # fmt: skip
+    assert last.best_epoch == 4 and "the last epoch (restore_best: false)" in last.kept
+    assert "all 4 epochs run" in last.kept

@@ -71,6 +71,8 @@ class StageCheckpoint:
     best_val_loss: float
     epochs_run: int
     train_seconds: float
+    # Which epoch's weights these are, and why (monitor, early stop), in words.
+    kept: str = ""
     head: dict | None = None
     model: dict | None = None
     backbone_state: dict | None = None

@@ -71,7 +71,7 @@ def _flag_type(hint):
         hint = next(a for a in args if a is not type(None))
     if typing.get_origin(hint) is tuple:
         return typing.get_args(hint)[0], "+"
-    if hint is dict:
+    if hint is dict or dataclasses.is_dataclass(hint):
         return json_arg, None
     if nullable:
         return (lambda text: None if optional(text) is None else hint(text)), None

@@ -19,6 +19,7 @@ from torchvision import transforms as T
 from .errors import UserError
 from .images import load_rgb
 from .io import read_tsv
+from .settings import AugmentSettings
 
 
 @dataclass(frozen=True)
@@ -61,16 +62,30 @@ def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float])
     )
 
 
-def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]):
-    return T.Compose(
-        [
-            T.RandomResizedCrop(image_size, scale=(0.7, 1.0), antialias=True),
-            T.RandomHorizontalFlip(),
-            T.RandomAffine(degrees=10, translate=(0.05, 0.05), shear=8),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
-    )
+def train_transform(
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: AugmentSettings | None = None,
+):
+    """The augmentation the config asks for (`augment:`), then the plain tensor steps."""
+    augment = augment or AugmentSettings()
+    if augment.crop_scale is None:
+        steps = [T.Resize((image_size, image_size), antialias=True)]
+    else:
+        steps = [T.RandomResizedCrop(image_size, scale=tuple(augment.crop_scale), antialias=True)]
+    if augment.horizontal_flip:
+        steps.append(T.RandomHorizontalFlip())
+    if augment.vertical_flip:
+        steps.append(T.RandomVerticalFlip())
+    if augment.rotation:
+        steps.append(T.RandomRotation(augment.rotation))
+    if augment.color_jitter:
+        strength = augment.color_jitter
+        steps.append(T.ColorJitter(strength, strength, strength, min(0.5, strength / 2)))
+    if augment.trivial_augment:
+        steps.append(T.TrivialAugmentWide())
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
 
 
 class ImageDataset(Dataset):
@@ -94,6 +109,7 @@ class ImageDataset(Dataset):
         views: int = 1,
         augment_all: bool = False,
         seed: int = 0,
+        augment: AugmentSettings | None = None,
     ):
         self.root = Path(root)
         self.records = list(records)
@@ -106,7 +122,7 @@ class ImageDataset(Dataset):
         self.augment_all = augment_all
         self.seed = seed
         self.plain = eval_transform(image_size, mean, std)
-        self.augmented = train_transform(image_size, mean, std)
+        self.augmented = train_transform(image_size, mean, std, augment)
 
     def __len__(self) -> int:
         return len(self.records) * self.views

@@ -274,6 +274,10 @@ def set_trainable(model: Classifier, unfreeze_blocks: int | None) -> list[nn.Mod
     return frozen
 
 
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def train_mode(model: nn.Module, frozen: Sequence[nn.Module]) -> None:
     model.train()
     for block in frozen:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from .errors import UserError
 
 # What an experiment may override; the data are shared by all experiments.
-EXPERIMENT_SECTIONS = ("model", "seed", "features", "head", "finetune", "evaluate")
+EXPERIMENT_SECTIONS = ("model", "seed", "augment", "features", "head", "finetune", "evaluate")
 
 
 def deep_merge(base: Mapping, override: Mapping | None) -> dict:
@@ -109,6 +109,7 @@ def feature_key(
     std,
     augmented_views: int,
     seed: int,
+    augment: Mapping | None = None,
 ) -> str:
     """Folder name of cached features: readable prefix + hash of all that determines them.
 
@@ -123,6 +124,9 @@ def feature_key(
         "augmented_views": augmented_views,
         "seed": seed if (augmented_views or weights_id == "random") else None,
     }
+    if augmented_views and augment:
+        # Another augmentation makes other augmented views: other cached train features.
+        determining["augment"] = dict(augment)
     tag = weights_id if len(weights_id) <= 16 else weights_id[:16]
     return f"{backbone}-{tag}-{image_size}px-{digest(determining, 8)}"
 
@@ -251,6 +255,10 @@ def _coerce(value, hint, where: str):
         return value
     if hint is dict and isinstance(value, dict):
         return value
+    if isinstance(hint, type) and issubclass(hint, Record) and isinstance(value, Mapping):
+        return hint.from_mapping(value, where)
+    if isinstance(hint, type) and issubclass(hint, Record) and isinstance(value, hint):
+        return value
     raise UserError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
@@ -264,6 +272,31 @@ class DataSettings(Record):
     on_count_mismatch: str = "error"
     duplicates: str = "error"
     near_duplicate_distance: int = 4
+
+
+@dataclass(frozen=True)
+class AugmentSettings(Record):
+    """The random changes of training images, for the augmented feature views and fine tuning.
+
+    Order: crop (or plain resize), flips, rotation, colour jitter, TrivialAugment.
+    """
+
+    SECTION: typing.ClassVar[str] = "augment"
+    horizontal_flip: bool = True
+    vertical_flip: bool = False
+    crop_scale: tuple[float, ...] | None = (0.7, 1.0)
+    rotation: float = 0.0
+    color_jitter: float = 0.0
+    trivial_augment: bool = False
+
+    def __post_init__(self):
+        if self.crop_scale is not None and (
+            len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1
+        ):
+            raise UserError(
+                f"augment.crop_scale must be [min, max] with 0 < min <= max <= 1 or null, "
+                f"not {list(self.crop_scale)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -283,6 +316,7 @@ class FeatureSettings(Record):
     augmented_views: int
     seed: int
     batch_size: int = 64
+    augment: AugmentSettings = AugmentSettings()
 
 
 @dataclass(frozen=True)
@@ -309,6 +343,23 @@ class FinetuneSettings(Record):
     warmup_start_factor: float = 0.5
     amp: bool = True
     deterministic: bool = True
+    batchnorm: str = "frozen"
+    monitor: str = "val_loss"
+    restore_best: bool = True
+    augment: AugmentSettings = AugmentSettings()
+
+    def __post_init__(self):
+        if self.batchnorm not in ("frozen", "train"):
+            raise UserError(f"finetune.batchnorm must be frozen or train, not {self.batchnorm!r}")
+        if self.monitor not in ("val_loss", "val_accuracy"):
+            raise UserError(
+                f"finetune.monitor must be val_loss or val_accuracy, not {self.monitor!r}"
+            )
+        if self.batchnorm == "train" and self.batch_size < 2:
+            raise UserError(
+                "finetune.batch_size 1 cannot train BatchNorm statistics (one value per "
+                "channel); use finetune.batchnorm: frozen or a batch size of at least 2"
+            )
 
 
 @dataclass(frozen=True)
@@ -320,6 +371,8 @@ class EvaluateSettings(Record):
 def stage_settings(experiment: Mapping, record: type[Record], name: str) -> Record:
     """The record of one stage from an experiment's full config (its section plus the seed)."""
     values = dict(experiment[record.SECTION])
-    if "seed" in {f.name for f in dataclasses.fields(record)}:
-        values["seed"] = experiment["seed"]
+    fields = {f.name for f in dataclasses.fields(record)}
+    for shared in ("seed", "augment"):
+        if shared in fields:
+            values[shared] = experiment[shared]
     return record.from_mapping(values, f"experiment '{name}', config section {record.SECTION}")

@@ -84,7 +84,15 @@ def extract_features(
     rows = data.split_records(records, split)
     views = 1 + (settings.augmented_views if split == train_split else 0)
     common = dict(image_size=settings.image_size, mean=settings.mean, std=settings.std)
-    dataset = data.ImageDataset(data_root, rows, classes, views=views, seed=settings.seed, **common)
+    dataset = data.ImageDataset(
+        data_root,
+        rows,
+        classes,
+        views=views,
+        seed=settings.seed,
+        augment=settings.augment,
+        **common,
+    )
     calibration = data.ImageDataset(
         data_root, data.split_records(records, train_split), classes, **common
     )
@@ -201,6 +209,7 @@ def _keep(result, settings, *, output: str, history: str, resume: str | None, **
         settings=settings.to_dict(),
         best_epoch=result.best_epoch,
         best_val_loss=result.best_val_loss,
+        kept=result.kept,
         epochs_run=len(result.history),
         train_seconds=result.seconds,
         **fields,
@@ -210,6 +219,22 @@ def _keep(result, settings, *, output: str, history: str, resume: str | None, **
     if resume:
         Path(resume).unlink(missing_ok=True)
     return saved
+
+
+def model_for_finetune(
+    start: StageCheckpoint, settings: FinetuneSettings, weights_file: str | None = None
+):
+    """The head's classifier with its last blocks trainable; (model, modules kept in eval).
+
+    With `batchnorm: frozen` every BatchNorm layer keeps the running statistics the head
+    was trained on (its weights still train), so in eval mode the model gives the head's
+    own logits: fine tuning starts exactly where the head ended.
+    """
+    model = models.classifier_from_checkpoint(start, weights_file)
+    frozen = models.set_trainable(model, settings.unfreeze_blocks)
+    if settings.batchnorm == "frozen":
+        frozen = [*frozen, *models.batchnorm_layers(model)]
+    return model, frozen
 
 
 def finetune(
@@ -230,8 +255,7 @@ def finetune(
     seed_everything(settings.seed, settings.deterministic)
     dev = pick_device(device)
     start = checkpoint.load_stage(head_checkpoint)
-    model = models.classifier_from_checkpoint(start, weights_file)
-    frozen = models.set_trainable(model, settings.unfreeze_blocks)
+    model, frozen = model_for_finetune(start, settings, weights_file)
     trainable, fixed = models.count_parameters(model)
     log.info("finetune: %d trainable, %d frozen parameters", trainable, fixed)
     model.to(dev).to(memory_format=torch.channels_last)
@@ -243,7 +267,13 @@ def finetune(
     val_rows = data.split_records(records, val_split)
     common = dict(image_size=identity.image_size, mean=identity.mean, std=identity.std)
     train_set = data.ImageDataset(
-        data_root, train_rows, identity.classes, augment_all=True, seed=settings.seed, **common
+        data_root,
+        train_rows,
+        identity.classes,
+        augment_all=True,
+        seed=settings.seed,
+        augment=settings.augment,
+        **common,
     )
     val_set = data.ImageDataset(data_root, val_rows, identity.classes, **common)
     batch = settings.batch_size
@@ -276,7 +306,8 @@ def finetune(
         epochs=settings.epochs,
         seed=settings.seed,
         device=dev,
-        early_stopping=EarlyStopping(settings.patience, settings.min_delta),
+        early_stopping=EarlyStopping(settings.patience, settings.min_delta, settings.monitor),
+        restore_best=settings.restore_best,
         resume_path=resume,
         resume_key=checkpoint.resume_key(settings, inputs),
         frozen=frozen,

@@ -35,6 +35,7 @@ def summary_row(run: dict, test_split: str = "test") -> dict:
         row[f"test_{name}"] = float(test[name]) if test.get(name) not in (None, "") else None
     row["epochs_run"] = state.epochs_run
     row["best_epoch"] = state.best_epoch
+    row["kept"] = state.kept
     row["train_seconds"] = round(float(state.train_seconds), 2)
     return row
 

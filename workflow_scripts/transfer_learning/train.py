@@ -58,18 +58,27 @@ class StopSignals:
 
 @dataclass
 class EarlyStopping:
-    """Stop when val loss has not improved by min_delta for `patience` epochs."""
+    """Stop when the monitored validation figure has not improved by min_delta for
+    `patience` epochs. `monitor` is val_loss (lower is better) or val_accuracy (higher)."""
 
     patience: int | None = None
     min_delta: float = 0.0
-    best: float = math.inf
+    monitor: str = "val_loss"
+    best: float | None = None
     best_epoch: int = 0
     bad_epochs: int = 0
 
-    def step(self, val_loss: float, epoch: int) -> bool:
-        """Record an epoch; True when it is the new best."""
-        if val_loss < self.best - self.min_delta:
-            self.best, self.best_epoch, self.bad_epochs = val_loss, epoch, 0
+    def improves(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        if self.monitor == "val_accuracy":
+            return value > self.best + self.min_delta
+        return value < self.best - self.min_delta
+
+    def step(self, value: float, epoch: int) -> bool:
+        """Record an epoch's monitored value; True when it is the new best."""
+        if self.improves(value):
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
             return True
         self.bad_epochs += 1
         return False
@@ -93,11 +102,12 @@ class EarlyStopping:
 class FitResult:
     history: list[dict]
     best_state: dict
-    best_epoch: int
-    best_val_loss: float
+    best_epoch: int  # the epoch whose weights best_state holds
+    best_val_loss: float  # that epoch's validation loss
     seconds: float
     resumed_from: int = 0
     stopped_early: bool = False
+    kept: str = ""  # which epoch was kept and why, for the checkpoint and the summary
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -256,6 +266,7 @@ def fit(
     frozen: Sequence[nn.Module] = (),
     amp: bool = False,
     stage: str = "train",
+    restore_best: bool = True,
 ) -> FitResult:
     """Train for up to `epochs`, keep the weights of the lowest val loss, resume if saved.
 
@@ -310,7 +321,8 @@ def fit(
             scheduler.step()
             seconds = time.perf_counter() - started
             elapsed += seconds
-            improved = early_stopping.step(val_loss, epoch)
+            monitored = val_acc if early_stopping.monitor == "val_accuracy" else val_loss
+            improved = early_stopping.step(monitored, epoch)
             if improved:
                 best_state = copy.deepcopy(model.state_dict())
             history.append(
@@ -357,18 +369,39 @@ def fit(
                 )
             if stopped_early:
                 log.info(
-                    "%s: early stop after epoch %d, best epoch %d (val_loss %.4f)",
+                    "%s: early stop after epoch %d, best epoch %d (%s %.4f)",
                     stage,
                     epoch,
                     early_stopping.best_epoch,
+                    early_stopping.monitor,
                     early_stopping.best,
                 )
+    kept_epoch = early_stopping.best_epoch if restore_best else len(history)
+    if not restore_best:
+        best_state = copy.deepcopy(model.state_dict())
+    kept = _why_kept(early_stopping, kept_epoch, len(history), epochs, stopped_early, restore_best)
+    log.info("%s: kept %s", stage, kept)
     return FitResult(
         history=history,
         best_state=best_state,
-        best_epoch=early_stopping.best_epoch,
-        best_val_loss=early_stopping.best,
+        best_epoch=kept_epoch,
+        best_val_loss=history[kept_epoch - 1]["val_loss"] if history else math.inf,
         seconds=elapsed,
         resumed_from=resumed_from,
         stopped_early=stopped_early,
+        kept=kept,
     )
+
+
+def _why_kept(early_stopping, kept_epoch, ran, epochs, stopped_early, restore_best) -> str:
+    """One line for the summary: which epoch's weights were kept, and why."""
+    if not restore_best:
+        reason = "the last epoch (restore_best: false)"
+    else:
+        word = "highest" if early_stopping.monitor == "val_accuracy" else "lowest"
+        reason = f"{word} {early_stopping.monitor} {early_stopping.best:.4g}"
+    if stopped_early:
+        ending = f"early stop after {early_stopping.patience} epochs without improvement"
+    else:
+        ending = f"all {epochs} epochs run"
+    return f"epoch {kept_epoch} of {ran}: {reason}; {ending}"
