@@ -78,7 +78,7 @@ def test_fit_stops_early_and_keeps_the_best_epoch():
     assert [row["lr"] for row in result.history[:3]] == pytest.approx([0.025, 0.0375, 0.05])
     # The weights kept are the best epoch's: they give exactly its validation loss.
     model.load_state_dict(result.best_state)
-    loss, _ = train.evaluate(
+    loss, _ = train.validate(
         model, data.make_loader(val_set, 64), nn.BCEWithLogitsLoss(), 2, torch.device("cpu")
     )
     assert loss == pytest.approx(result.history[result.best_epoch - 1]["val_loss"], abs=1e-6)

@@ -13,7 +13,8 @@ Sets (all real photographs or scans, none generated):
   mirror-symmetric: a flipped 2 is no 2.
 - faces: scikit-image's `lfw_subset` (100 faces from Labeled Faces in the Wild, 100 other
   patches, 25x25 grey).
-- textures: 48x48 patches of scikit-image's brick, grass and gravel photographs (3 classes).
+- textures: 48x48 patches of scikit-image's brick, grass and gravel photographs (3 classes;
+  train, val and test patches come from separate bands of each photograph).
 - demo: the workflow's generated shapes (config/demo.yaml), for reference.
 
 No pretrained weights can be downloaded here: every backbone starts from random weights
@@ -88,17 +89,29 @@ def faces(root: Path, seed: int) -> dict:
     return _write(root, images, labels, ["face", "other"], seed)
 
 
-def textures(root: Path, seed: int, patch: int = 48, per_class: int = 100) -> dict:
+def textures(root: Path, seed: int, patch: int = 48) -> dict:
+    """Patches of three photographs; each split from its own band of rows, so no test patch
+    overlaps a training patch."""
     from skimage import data
 
     rng = np.random.default_rng(seed)
-    images, labels = [], []
-    for k, photo in enumerate((data.brick(), data.grass(), data.gravel())):
-        for _ in range(per_class):
-            y, x = rng.integers(0, photo.shape[0] - patch), rng.integers(0, photo.shape[1] - patch)
-            images.append(photo[y : y + patch, x : x + patch])
-            labels.append(k)
-    return _write(root, np.stack(images), np.array(labels), ["brick", "grass", "gravel"], seed)
+    bands = {"train": (0.0, 0.6, 60), "val": (0.6, 0.8, 20), "test": (0.8, 1.0, 20)}
+    counts = {s: {} for s in SPLITS}
+    for label, photo in (
+        ("brick", data.brick()),
+        ("grass", data.grass()),
+        ("gravel", data.gravel()),
+    ):
+        height, width = photo.shape[:2]
+        for split, (top, bottom, n) in bands.items():
+            folder = root / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            rows = (int(top * height), int(bottom * height) - patch)
+            for i in range(n):
+                y, x = rng.integers(*rows), rng.integers(0, width - patch)
+                Image.fromarray(photo[y : y + patch, x : x + patch]).save(folder / f"{i:04d}.png")
+            counts[split][label] = n
+    return counts
 
 
 def demo(root: Path, seed: int) -> dict:
@@ -134,13 +147,24 @@ def run_set(name: str, out: Path, seed: int, cores: int) -> list[dict]:
     started = time.monotonic()
     subprocess.run(
         [
-            "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores",
-            str(cores), "results/summary.tsv", "--configfile", str(workdir / "study.yaml"),
+            "snakemake",
+            "-s",
+            str(REPO / "Snakefile"),
+            "-d",
+            str(workdir),
+            "--cores",
+            str(cores),
+            "results/summary.tsv",
+            "--configfile",
+            str(workdir / "study.yaml"),
         ],  # fmt: skip
         check=True,
         stdout=open(workdir / "snakemake.log", "w"),
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+        env={
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        },
     )
     with open(workdir / "results" / "summary.tsv", newline="") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
@@ -171,7 +195,7 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     results = [row for name in args.sets for row in run_set(name, args.out, args.seed, args.cores)]
-    print("| set | finetune.batchnorm | augment.horizontal_flip | head | fine-tune | fine-tune - head |")
+    print("| set | finetune.batchnorm | augment.horizontal_flip | head | fine-tune | difference |")
     print("|---|---|---|---|---|---|")
     for r in results:
         print(

@@ -218,7 +218,7 @@ def predict(
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
-def evaluate(
+def validate(
     model: nn.Module, loader, loss_fn: nn.Module, num_classes: int, device, *, amp=False
 ) -> tuple[float, float]:
     logits, labels = predict(model, loader, device, amp=amp)
@@ -317,7 +317,7 @@ def fit(
                 stop=stop,
             )
             stop.check()
-            val_loss, val_acc = evaluate(model, val_loader, loss_fn, num_classes, device, amp=amp)
+            val_loss, val_acc = validate(model, val_loader, loss_fn, num_classes, device, amp=amp)
             scheduler.step()
             seconds = time.perf_counter() - started
             elapsed += seconds
