@@ -6,7 +6,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: demo test lint format dag clean-demo
+.PHONY: demo test lint format dag study clean-demo
 
 $(STAMP): requirements.txt
 	command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -37,6 +37,12 @@ format: $(STAMP)
 ## The rule graph as SVG (needs graphviz's `dot`).
 dag: $(STAMP)
 	snakemake --configfile config/demo.yaml --rulegraph | dot -Tsvg > docs/rulegraph.svg
+
+## Fine tuning vs the head on real image sets shipped in scikit-learn / scikit-image (CPU,
+## about half an hour on 2 cores); prints the README's study table.
+study: $(STAMP)
+	python -m pip install --quiet -r tools/requirements-study.txt
+	python tools/study_finetune.py --out study
 
 clean-demo:
 	rm -rf data/demo results logs benchmarks

@@ -188,7 +188,7 @@ def test_every_record_field_is_a_schema_key_and_the_reverse():
 def test_finetune_record_rejects_what_cannot_run():
     base = dict(epochs=1, lr=1.0, batch_size=1, unfreeze_blocks=None, warmup_epochs=0,
                 patience=1, min_delta=0.0, seed=1)  # fmt: skip
-    assert settings.FinetuneSettings.from_mapping(base).batchnorm == "frozen"
+    assert settings.FinetuneSettings.from_mapping(base).batchnorm == "auto"
     with pytest.raises(UserError, match="batch_size 1 cannot train BatchNorm"):
         settings.FinetuneSettings.from_mapping({**base, "batchnorm": "train"})
     with pytest.raises(UserError, match="crop_scale"):

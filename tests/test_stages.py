@@ -5,6 +5,7 @@ a local state dict)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import shutil
 
@@ -381,14 +382,25 @@ def test_model_for_finetune_gives_the_heads_logits_before_any_step(
     )
 
 
-@pytest.mark.parametrize("batchnorm", ["frozen", "train"])
-def test_batchnorm_setting_decides_what_trains_in_train_mode(head_checkpoint, batchnorm):
+@pytest.mark.parametrize(
+    "batchnorm, weights, trains",
+    [
+        ("frozen", "random", False),
+        ("train", "random", True),
+        ("auto", "random", True),  # learnt from scratch: statistics must follow the weights
+        ("auto", "IMAGENET1K_V1", False),  # pretrained: keep the head's statistics
+    ],
+)
+def test_batchnorm_setting_decides_what_trains_in_train_mode(
+    head_checkpoint, batchnorm, weights, trains
+):
     start = checkpoint.load_stage(head_checkpoint)
+    start.identity = dataclasses.replace(start.identity, weights=weights)
     model, frozen = stages.model_for_finetune(start, _finetune_settings(batchnorm=batchnorm))
     models.train_mode(model, frozen)
     norms = models.batchnorm_layers(model)
     last = norms[-1]  # in the unfrozen last block
     assert last.weight.requires_grad  # its weights train either way
-    assert last.training == (batchnorm == "train")
+    assert last.training == trains
     assert not norms[0].training  # a frozen block's statistics never move
     assert model.head.dropout.training

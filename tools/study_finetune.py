@@ -170,6 +170,8 @@ def run_set(name: str, out: Path, seed: int, cores: int) -> list[dict]:
         rows = list(csv.DictReader(handle, delimiter="\t"))
     table = {}
     for row in rows:
+        if not row.get("finetune.batchnorm"):
+            continue  # the configuration's own "baseline" experiment, a copy of one point
         key = (row["finetune.batchnorm"], row["augment.horizontal_flip"])
         table.setdefault(key, {})[row["stage"]] = float(row["test_accuracy"])
     n = sum(sum(c.values()) for c in counts.values())

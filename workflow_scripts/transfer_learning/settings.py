@@ -343,14 +343,16 @@ class FinetuneSettings(Record):
     warmup_start_factor: float = 0.5
     amp: bool = True
     deterministic: bool = True
-    batchnorm: str = "frozen"
+    batchnorm: str = "auto"
     monitor: str = "val_loss"
     restore_best: bool = True
     augment: AugmentSettings = AugmentSettings()
 
     def __post_init__(self):
-        if self.batchnorm not in ("frozen", "train"):
-            raise UserError(f"finetune.batchnorm must be frozen or train, not {self.batchnorm!r}")
+        if self.batchnorm not in ("auto", "frozen", "train"):
+            raise UserError(
+                f"finetune.batchnorm must be auto, frozen or train, not {self.batchnorm!r}"
+            )
         if self.monitor not in ("val_loss", "val_accuracy"):
             raise UserError(
                 f"finetune.monitor must be val_loss or val_accuracy, not {self.monitor!r}"

@@ -227,13 +227,25 @@ def model_for_finetune(
     """The head's classifier with its last blocks trainable; (model, modules kept in eval).
 
     With `batchnorm: frozen` every BatchNorm layer keeps the running statistics the head
-    was trained on (its weights still train), so in eval mode the model gives the head's
-    own logits: fine tuning starts exactly where the head ended.
+    was trained on (its weights still train), so fine tuning continues the head instead of
+    meeting other features. `auto` freezes them for pretrained weights and trains them for
+    random ones, whose statistics must change with weights that are learnt from scratch
+    (README, the fine-tuning study). In eval mode the assembled model gives the head's own
+    logits either way.
     """
     model = models.classifier_from_checkpoint(start, weights_file)
     frozen = models.set_trainable(model, settings.unfreeze_blocks)
-    if settings.batchnorm == "frozen":
+    batchnorm = settings.batchnorm
+    if batchnorm == "auto":
+        batchnorm = "train" if start.identity.weights == "random" else "frozen"
+        log.info("finetune: batchnorm auto -> %s (weights %s)", batchnorm, start.identity.weights)
+    if batchnorm == "frozen":
         frozen = [*frozen, *models.batchnorm_layers(model)]
+    elif settings.batch_size < 2:
+        raise UserError(
+            "finetune.batch_size 1 cannot train BatchNorm statistics (one value per channel); "
+            "set finetune.batchnorm: frozen or a batch size of at least 2"
+        )
     return model, frozen
 
 
