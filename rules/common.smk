@@ -66,11 +66,7 @@ try:
     OVERRIDES = tl_settings.expand_experiments(config["experiments"])
 except UserError as _error:
     raise WorkflowError(str(_error))
-_BASE = {k: v for k, v in config.items() if k != "experiments"}
-EXPERIMENTS = {
-    name: tl_settings.deep_merge(_BASE, overrides)
-    for name, overrides in OVERRIDES.items()
-}
+EXPERIMENTS = tl_settings.experiment_configs(config, OVERRIDES)
 for _name, _exp in EXPERIMENTS.items():
     _what = f"experiment '{_name}' (config key experiments.{_name})"
     _numbers_from_text(_exp, _what)

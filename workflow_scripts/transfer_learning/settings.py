@@ -89,11 +89,15 @@ def expand_experiments(experiments: Mapping) -> dict[str, dict]:
     return expanded
 
 
-def experiment_configs(config: Mapping) -> dict[str, dict]:
-    """Experiment name -> the full config it runs with (base config + its overrides)."""
+def experiment_configs(config: Mapping, overrides: Mapping | None = None) -> dict[str, dict]:
+    """Experiment name -> the full config it runs with (base config + its overrides).
+
+    `overrides` are those of `expand_experiments`, when the caller has them already.
+    """
     base = {k: v for k, v in config.items() if k != "experiments"}
-    experiments = expand_experiments(config.get("experiments") or {"baseline": {}})
-    return {name: deep_merge(base, overrides) for name, overrides in experiments.items()}
+    if overrides is None:
+        overrides = expand_experiments(config.get("experiments") or {"baseline": {}})
+    return {name: deep_merge(base, changes) for name, changes in overrides.items()}
 
 
 def digest(value, length: int = 10) -> str:
@@ -357,11 +361,20 @@ class FinetuneSettings(Record):
             raise UserError(
                 f"finetune.monitor must be val_loss or val_accuracy, not {self.monitor!r}"
             )
-        if self.batchnorm == "train" and self.batch_size < 2:
+        if self.batchnorm == "train":
+            self.batchnorm_for("random")  # refused at load, not in the job
+
+    def batchnorm_for(self, weights: str) -> str:
+        """frozen or train for a backbone of these weights (`auto`: train only random ones)."""
+        mode = self.batchnorm
+        if mode == "auto":
+            mode = "train" if weights == "random" else "frozen"
+        if mode == "train" and self.batch_size < 2:
             raise UserError(
                 "finetune.batch_size 1 cannot train BatchNorm statistics (one value per "
                 "channel); use finetune.batchnorm: frozen or a batch size of at least 2"
             )
+        return mode
 
 
 @dataclass(frozen=True)
@@ -371,7 +384,8 @@ class EvaluateSettings(Record):
 
 
 def stage_settings(experiment: Mapping, record: type[Record], name: str) -> Record:
-    """The record of one stage from an experiment's full config (its section plus the seed)."""
+    """The record of one stage from an experiment's full config: its section, plus the
+    shared `seed` and `augment` where the record has them."""
     values = dict(experiment[record.SECTION])
     fields = {f.name for f in dataclasses.fields(record)}
     for shared in ("seed", "augment"):

@@ -235,17 +235,10 @@ def model_for_finetune(
     """
     model = models.classifier_from_checkpoint(start, weights_file)
     frozen = models.set_trainable(model, settings.unfreeze_blocks)
-    batchnorm = settings.batchnorm
-    if batchnorm == "auto":
-        batchnorm = "train" if start.identity.weights == "random" else "frozen"
-        log.info("finetune: batchnorm auto -> %s (weights %s)", batchnorm, start.identity.weights)
+    batchnorm = settings.batchnorm_for(start.identity.weights)
+    log.info("finetune: batchnorm %s (weights %s)", batchnorm, start.identity.weights)
     if batchnorm == "frozen":
         frozen = [*frozen, *models.batchnorm_layers(model)]
-    elif settings.batch_size < 2:
-        raise UserError(
-            "finetune.batch_size 1 cannot train BatchNorm statistics (one value per channel); "
-            "set finetune.batchnorm: frozen or a batch size of at least 2"
-        )
     return model, frozen
 
 
