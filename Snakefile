@@ -21,6 +21,8 @@ include: "rules/features.smk"
 include: "rules/head.smk"
 include: "rules/finetune.smk"
 include: "rules/evaluate.smk"
+include: "rules/predict.smk"
+include: "rules/export.smk"
 include: "rules/report.smk"
 
 

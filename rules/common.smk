@@ -2,7 +2,9 @@
 # paths and input functions. Everything is resolved once, here, when the workflow loads;
 # the helpers below only answer questions about it.
 
+import functools
 import json
+import os
 import re
 import shlex
 import sys
@@ -15,8 +17,11 @@ from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow_scripts"))
 
+# Nothing imported here may import PyTorch: every start (and every Slurm job's own Snakemake)
+# would pay seconds for it. Backbone and weights names come from the torch-free catalogue.
+from transfer_learning import catalog as tl_catalog
+from transfer_learning import image_files as tl_image_files
 from transfer_learning import io as tl_io
-from transfer_learning import models as tl_models
 from transfer_learning import settings as tl_settings
 from transfer_learning import sources as tl_sources
 from transfer_learning import verify as tl_verify
@@ -26,8 +31,10 @@ from transfer_learning.errors import UserError
 SCRIPTS = Path(workflow.basedir) / "workflow_scripts"
 shell.prefix(f"set -euo pipefail; export PATH={shlex.quote(str(SCRIPTS))}:$PATH; ")
 SCHEMA = "../config/schema.yaml"
+# libyaml's loader when PyYAML has it: the same result, read many times faster.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 with open(Path(workflow.basedir) / "config" / "schema.yaml") as _handle:
-    _SCHEMA = yaml.safe_load(_handle)
+    _SCHEMA = yaml.load(_handle, Loader=_YAML_LOADER)
 
 
 def _replace_expected_counts_from_overlays():
@@ -38,7 +45,7 @@ def _replace_expected_counts_from_overlays():
     """
     for path in workflow.overwrite_configfiles or []:
         with open(path) as handle:
-            overlay = yaml.safe_load(handle) or {}
+            overlay = yaml.load(handle, Loader=_YAML_LOADER) or {}
         data = overlay.get("data") or {}
         if "expected_counts" in data:
             config["data"]["expected_counts"] = data["expected_counts"]
@@ -67,10 +74,15 @@ try:
 except UserError as _error:
     raise WorkflowError(str(_error))
 EXPERIMENTS = tl_settings.experiment_configs(config, OVERRIDES)
-for _name, _exp in EXPERIMENTS.items():
+# Only what an experiment overrides can be wrong; each distinct value is checked once.
+for _name, (_numbers, _errors) in tl_settings.check_experiments(
+    EXPERIMENTS, OVERRIDES, _SCHEMA
+).items():
     _what = f"experiment '{_name}' (config key experiments.{_name})"
-    _numbers_from_text(_exp, _what)
-    _check_config({**_exp, "experiments": config["experiments"]}, _what)
+    for _key in _numbers:
+        logger.info(f"{_what}: read config key {_key} as a number")
+    if _errors:
+        raise WorkflowError(f"invalid {_what}:\n  " + "\n  ".join(_errors))
 
 DATA = config["data"]
 DATA_ROOT = DATA["root"]
@@ -101,24 +113,24 @@ def _weights(exp):
     """(identity, local file or None) of an experiment's backbone weights."""
     backbone, weights = exp["model"]["backbone"], exp["model"]["weights"]
     try:
-        tl_models.check_backbone(backbone)
+        tl_catalog.check_backbone(backbone)
         if weights is None:
             return "random", None
-        if tl_models.is_weights_path(weights):
+        if tl_catalog.is_weights_path(weights):
             path = Path(weights)
             identity = tl_io.sha256_file(path)[:12] if path.is_file() else path.name
             return f"file-{identity}", weights
-        member = tl_models.weights_enum(backbone, weights)
+        member = tl_catalog.config_weights(backbone, weights)
     except ValueError as error:
         raise WorkflowError(str(error))
-    return member.name, f"resources/weights/{tl_models.weights_filename(member)}"
+    return member.name, f"resources/weights/{member.filename}"
 
 
 def _resolve(name, exp):
     """Feature identity and every stage's settings record (as JSON) of one experiment."""
     model = exp["model"]
     weights_id, weights_file = _weights(exp)
-    mean, std = tl_models.normalisation(
+    mean, std = tl_catalog.normalisation(
         model["backbone"],
         None if weights_id == "random" else model["weights"],
         model.get("mean"),
@@ -182,11 +194,15 @@ WEIGHTS_TO_FETCH = {
 }
 
 
+# Experiments and feature keys are one path component each. Not a list of their names: a
+# sweep has hundreds, and Snakemake matches and substitutes these patterns thousands of
+# times (a 500-name alternation made a dry run of a 500-experiment grid several times slower).
+# An unknown name is caught by experiment_record() and feature_record(), naming what exists.
 wildcard_constraints:
-    experiment="|".join(map(re.escape, EXPERIMENTS)),
+    experiment="[^/]+",
     stage="|".join(STAGES),
     split="|".join(map(re.escape, DATA["splits"])),
-    key="|".join(map(re.escape, FEATURES)),
+    key="[^/]+",
 
 
 # ---- paths -------------------------------------------------------------------------------
@@ -194,6 +210,10 @@ wildcard_constraints:
 
 def features_path(key, split):
     return f"results/features/{key}/{split}.pt"
+
+
+def features_usage_path(key, split):
+    return f"results/features/{key}/{split}_usage.tsv"
 
 
 def stage_dir(experiment, stage):
@@ -206,7 +226,8 @@ def stage_file(experiment, stage, name):
 
 def eval_outputs(experiment, stage):
     folder = f"results/{experiment}/eval/{stage}"
-    return [f"{folder}/{name}.tsv" for name in ("metrics", "predictions", "confusion")]
+    names = ("metrics", "predictions", "confusion", "usage")
+    return [f"{folder}/{name}.tsv" for name in names]
 
 
 def resume_path(wildcards, stage):
@@ -246,13 +267,15 @@ def all_targets():
     """Every tracked output, so a missing one (a failed job's, deleted) is always rebuilt."""
     targets = [MANIFEST, COUNTS, SUMMARY, SUMMARY_PLOT, SUMMARY_TABLE]
     for key in FEATURES:
-        targets += [features_path(key, TRAIN_SPLIT), features_path(key, VAL_SPLIT)]
+        for split in (TRAIN_SPLIT, VAL_SPLIT):
+            targets += [features_path(key, split), features_usage_path(key, split)]
     for experiment in EXPERIMENTS:
         targets += [
             stage_file(experiment, stage, name)
             for stage in STAGES
             for name in ("model.pt", "history.tsv")
         ]
+        targets.append(stage_file(experiment, "finetune", "usage.tsv"))
         targets += [p.format(experiment=experiment) for p in EXPERIMENT_PLOTS.values()]
         for stage in STAGES:
             targets += eval_outputs(experiment, stage)
@@ -260,7 +283,7 @@ def all_targets():
                 p.format(experiment=experiment, stage=stage)
                 for p in STAGE_PLOTS.values()
             ]
-    return targets
+    return targets + model_targets()
 
 
 # ---- settings per wildcard ---------------------------------------------------------------
@@ -274,13 +297,36 @@ def code_version(script):
     return tl_sources.code_digest(SCRIPTS / script)
 
 
+def _known(table, name, what):
+    """table[name]; a name that is not there (a mistyped target path) is named, with the
+    ones that are (the wildcard constraints accept any path component)."""
+    if name not in table:
+        names = list(table)
+        more = f" (+{len(names) - 20} more)" if len(names) > 20 else ""
+        shown = ", ".join(names[:20]) + more
+        raise WorkflowError(
+            f"unknown {what} '{name}' in a target path; {what}s are: {shown}"
+        )
+    return table[name]
+
+
+def experiment_record(wildcards):
+    """The resolved experiment of a job's {experiment}: feature key, weights, settings."""
+    return _known(RESOLVED, wildcards.experiment, "experiment")
+
+
+def feature_record(wildcards):
+    """The features of a job's {key}: their settings record and weights file."""
+    return _known(FEATURES, wildcards.key, "feature key")
+
+
 def stage_settings(section):
     """The experiment's settings record of `section`, as one JSON argument (passed with :q)."""
-    return lambda wildcards: RESOLVED[wildcards.experiment][section]
+    return lambda wildcards: experiment_record(wildcards)[section]
 
 
 def feature_settings(wildcards):
-    return FEATURES[wildcards.key]["features"]
+    return feature_record(wildcards)["features"]
 
 
 def loader_workers():
@@ -311,13 +357,13 @@ def dataset_input(wildcards):
 
 def extraction_inputs(wildcards):
     inputs = {"manifest": MANIFEST}
-    if FEATURES[wildcards.key]["weights_file"]:
-        inputs["weights"] = FEATURES[wildcards.key]["weights_file"]
+    if feature_record(wildcards)["weights_file"]:
+        inputs["weights"] = feature_record(wildcards)["weights_file"]
     return inputs
 
 
 def head_inputs(wildcards):
-    key = RESOLVED[wildcards.experiment]["key"]
+    key = experiment_record(wildcards)["key"]
     return {
         "train": features_path(key, TRAIN_SPLIT),
         "val": features_path(key, VAL_SPLIT),
@@ -329,8 +375,8 @@ def finetune_inputs(wildcards):
         "head": stage_file(wildcards.experiment, "head", "model.pt"),
         "manifest": MANIFEST,
     }
-    if RESOLVED[wildcards.experiment]["weights_file"]:
-        inputs["weights"] = RESOLVED[wildcards.experiment]["weights_file"]
+    if experiment_record(wildcards)["weights_file"]:
+        inputs["weights"] = experiment_record(wildcards)["weights_file"]
     return inputs
 
 
@@ -339,11 +385,22 @@ def evaluate_inputs(wildcards):
         "model": stage_file(wildcards.experiment, wildcards.stage, "model.pt"),
         "manifest": MANIFEST,
     }
-    weights_file = RESOLVED[wildcards.experiment]["weights_file"]
+    weights_file = experiment_record(wildcards)["weights_file"]
     # A head checkpoint holds the head only; the backbone comes from the weights file.
     if wildcards.stage == "head" and weights_file:
         inputs["weights"] = weights_file
     return inputs
+
+
+def stage_usage(experiment, stage):
+    """The GPU figures behind a stage's result: the head's feature extraction, or fine
+    tuning itself, and the stage's evaluation."""
+    if stage == "head":
+        key = RESOLVED[experiment]["key"]
+        made = [features_usage_path(key, split) for split in (TRAIN_SPLIT, VAL_SPLIT)]
+    else:
+        made = [stage_file(experiment, stage, "usage.tsv")]
+    return [*made, eval_outputs(experiment, stage)[3]]
 
 
 SUMMARY_RUNS = [
@@ -352,8 +409,69 @@ SUMMARY_RUNS = [
         "stage": stage,
         "metrics": eval_outputs(experiment, stage)[0],
         "checkpoint": stage_file(experiment, stage, "model.pt"),
+        "usage": stage_usage(experiment, stage),
         "overrides": OVERRIDES[experiment],
     }
     for experiment in EXPERIMENTS
     for stage in STAGES
 ]
+
+
+# ---- using the model: predict, export; training logs -------------------------------------
+
+PREDICT_IMAGES = config["predict"]["images"]
+if PREDICT_IMAGES is not None and not Path(PREDICT_IMAGES).is_dir():
+    raise WorkflowError(
+        f"config key predict.images: {PREDICT_IMAGES} is not a folder"
+        f" (relative paths resolve against {Path.cwd()})"
+    )
+EXPORT = config["export"]
+
+
+def predict_outputs(experiment, stage):
+    """The predictions and the GPU figures of their pass."""
+    folder = f"results/{experiment}/predict"
+    return [f"{folder}/{stage}.tsv", f"{folder}/{stage}_usage.tsv"]
+
+
+def export_outputs(experiment, stage):
+    folder = f"results/{experiment}/export"
+    return [
+        f"{folder}/{stage}.{name}" for name in ("onnx", "onnx.json", "pt2", "pt2.json")
+    ]
+
+
+def model_targets():
+    """What rule all builds of predict and export, as the config asks."""
+    targets = []
+    for experiment in EXPERIMENTS:
+        for stage in STAGES:
+            if PREDICT_IMAGES is not None:
+                targets += predict_outputs(experiment, stage)
+            if EXPORT:
+                targets += export_outputs(experiment, stage)
+    return targets
+
+
+def model_inputs(wildcards):
+    """A stage's checkpoint, and the weights file a head checkpoint's backbone comes from."""
+    inputs = {"model": stage_file(wildcards.experiment, wildcards.stage, "model.pt")}
+    weights_file = experiment_record(wildcards)["weights_file"]
+    if wildcards.stage == "head" and weights_file:
+        inputs["weights"] = weights_file
+    return inputs
+
+
+@functools.cache
+def predict_listing():
+    """One tracked value for the folder predict reads, as data_listing is for the data set:
+    an added, removed or replaced image re-runs predict. Walked once per workflow load.
+    """
+    return tl_image_files.tracking_digest(PREDICT_IMAGES) if PREDICT_IMAGES else ""
+
+
+# Training logs (TensorBoard, MLflow) change no result, so turning them on or off must not
+# re-run a training: they are neither a tracked param nor in a rule's shell line. Every job
+# inherits them through its environment (a Slurm job's own Snakemake reads this file too);
+# train_head.py and finetune.py read them (transfer_learning/tracking.py).
+os.environ.update(TRANSFER_LEARNING_LOGGING=json.dumps(config["logging"]))

@@ -13,6 +13,7 @@ rule evaluate:
         ),
         predictions="results/{experiment}/eval/{stage}/predictions.tsv",
         confusion="results/{experiment}/eval/{stage}/confusion.tsv",
+        usage="results/{experiment}/eval/{stage}/usage.tsv",
     log:
         "logs/evaluate/{experiment}/{stage}.log",
     benchmark:
@@ -22,6 +23,9 @@ rule evaluate:
     threads: 4
     resources:
         gpu=1,
+        # One process per GPU (workflow_scripts/launch.py); more than one node needs the
+        # job script to run the rule (README, "Several GPUs").
+        nodes=1,
         mem_mb=16000,
         runtime=30,
         loader_workers=loader_workers(),
@@ -32,18 +36,20 @@ rule evaluate:
         weights_file=lambda w, input: input.get("weights", "none"),
         code=code_version("evaluate.py"),
     shell:
-        "evaluate.py --settings {params.settings:q} --checkpoint {input.model:q}"
+        "launch.py --gpu {resources.gpu} --nodes {resources.nodes} --"
+        " evaluate.py --settings {params.settings:q} --checkpoint {input.model:q}"
         " --manifest {input.manifest:q} --data-root {params.root:q}"
         " --splits {params.splits:q} --weights-file {params.weights_file:q}"
         " --threads {threads} --max-workers {resources.loader_workers}"
         " --metrics {output.metrics:q} --predictions {output.predictions:q}"
-        " --confusion {output.confusion:q} > {log:q} 2>&1"
+        " --confusion {output.confusion:q} --usage {output.usage:q} > {log:q} 2>&1"
 
 
 rule summarize:
     input:
         [run["metrics"] for run in SUMMARY_RUNS],
         [run["checkpoint"] for run in SUMMARY_RUNS],
+        [path for run in SUMMARY_RUNS for path in run["usage"]],
     output:
         figure(
             SUMMARY,

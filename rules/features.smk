@@ -28,7 +28,8 @@ rule extract_features:
     input:
         unpack(extraction_inputs),
     output:
-        features_path("{key}", "{split}"),
+        features=features_path("{key}", "{split}"),
+        usage=features_usage_path("{key}", "{split}"),
     log:
         "logs/extract_features/{key}/{split}.log",
     benchmark:
@@ -38,6 +39,7 @@ rule extract_features:
     threads: 4
     resources:
         gpu=1,
+        nodes=1,
         mem_mb=16000,
         runtime=30,
         loader_workers=loader_workers(),
@@ -48,8 +50,9 @@ rule extract_features:
         weights_file=lambda w, input: input.get("weights", "none"),
         code=code_version("extract_features.py"),
     shell:
-        "extract_features.py --settings {params.settings:q} --manifest {input.manifest:q}"
+        "launch.py --gpu {resources.gpu} --nodes {resources.nodes} --"
+        " extract_features.py --settings {params.settings:q} --manifest {input.manifest:q}"
         " --data-root {params.root:q} --split {wildcards.split:q}"
         " --train-split {params.train_split:q} --weights-file {params.weights_file:q}"
         " --threads {threads} --max-workers {resources.loader_workers}"
-        " --output {output:q} > {log:q} 2>&1"
+        " --output {output.features:q} --usage {output.usage:q} > {log:q} 2>&1"

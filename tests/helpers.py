@@ -83,16 +83,17 @@ STAGE_OUTPUTS = [
     "results/baseline/head/history.tsv",
     "results/baseline/finetune/model.pt",
     "results/baseline/finetune/history.tsv",
+    "results/baseline/finetune/usage.tsv",
     *(
         f"results/baseline/eval/{stage}/{name}.tsv"
         for stage in ("head", "finetune")
-        for name in ("metrics", "predictions", "confusion")
+        for name in ("metrics", "predictions", "confusion", "usage")
     ),
     "results/summary.tsv",
 ]
 
 # The rules that request a GPU (resources: gpu=1).
-GPU_RULES = {"extract_features", "finetune", "evaluate"}
+GPU_RULES = {"extract_features", "finetune", "evaluate", "predict"}
 
 # ImageNet normalisation.
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

@@ -6,6 +6,8 @@ Used by tests/test_slurm.py.
                          .env() is the environment of a Snakemake run against it
     Run                  one `timeout -k 10 <s> snakemake ...` in the background
     Cluster.sacct(ids)   Slurm's accounting rows of those jobs, once they are final
+    submitted_job_ids    the Slurm job ids a Snakemake output reports (array tasks as
+                         <jobid>_<task>)
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ REQUIRED_PROGRAMS = (
     "munged", "mariadbd", "mariadb-install-db", "slurmdbd", "slurmctld", "slurmd",
     "sacctmgr", "sbatch", "srun", "sacct", "squeue", "scancel", "scontrol",
 )  # fmt: skip
+# The Slurm clients that Snakemake and its plugins call, in a job as well as outside.
+CLIENTS = ("sbatch", "srun", "sacct", "squeue", "scancel", "scontrol", "sinfo", "sacctmgr")
 SACCT_FIELDS = (
     "JobID", "JobName", "Comment", "Account", "Partition", "State", "ExitCode",
-    "AllocTRES", "Timelimit", "Constraints", "Start", "End",
+    "AllocTRES", "Timelimit", "Constraints", "Submit", "Start", "End",
 )  # fmt: skip
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
 
@@ -54,7 +58,9 @@ def clean_env(**extra: str) -> dict:
     the profiles do), then `extra`."""
     env = snake_env()
     for name in list(env):
-        if name.startswith(("SBATCH_", "SLURM_", "SRUN_", "SALLOC_", "SNAKEMAKE_SLURM")):
+        if name.startswith(
+            ("SBATCH_", "SLURM_", "SRUN_", "SALLOC_", "SNAKEMAKE_SLURM", "EXPANSE_")
+        ):
             del env[name]
     env.update(extra)
     return env
@@ -120,7 +126,7 @@ class Cluster:
         self.slurm_conf = Path(match.group(1))
         account = re.search(r"^export TLWF_SLURM_ACCOUNT=(\S+)", env_sh, re.M)
         self.account = account.group(1) if account else self.account
-        self._write_srun_shim()
+        self._write_client_shims()
 
     def stop(self, timeout: int = 120) -> str:
         proc = subprocess.run(
@@ -133,26 +139,31 @@ class Cluster:
         )
         return proc.stdout
 
-    def _write_srun_shim(self) -> None:
-        """`srun` that finds this cluster's slurm.conf even without SLURM_CONF.
+    def _write_client_shims(self) -> None:
+        """`srun`, `sbatch`, `sacct`, ... that find this cluster's slurm.conf even without
+        SLURM_CONF.
 
-        Inside a job, the plugin's job step executor (snakemake-executor-plugin-slurm-
-        jobstep) removes every SLURM_* variable, SLURM_CONF included, before it calls
-        `srun`. On a real cluster srun then reads /etc/slurm/slurm.conf; this cluster's
-        config lives in its state dir, so without the shim every job fails with "srun:
-        fatal: Could not establish a configuration source". The shim only restores the
-        config path; everything else is the real srun.
+        The Slurm plugins remove every SLURM_* variable, SLURM_CONF included, wherever
+        Snakemake runs inside a job: the job step executor before it calls `srun`, and the
+        Slurm executor before it submits and watches the stage jobs from a controller job.
+        On a real cluster the clients then read /etc/slurm/slurm.conf; this cluster's
+        config lives in its state dir, so without the shims every such call fails with
+        "Could not establish a configuration source". The shims only restore the config
+        path; everything else is the real client.
         """
         self.bin.mkdir(parents=True, exist_ok=True)
-        shim = self.bin / "srun"
-        real = shutil.which("srun")
-        shim.write_text(
-            "#!/bin/sh\n"
-            "# Written by tests/slurm_helpers.py: the jobstep plugin drops SLURM_CONF.\n"
-            f'export SLURM_CONF="${{SLURM_CONF:-{self.slurm_conf}}}"\n'
-            f'exec {real} "$@"\n'
-        )
-        shim.chmod(0o755)
+        for client in CLIENTS:
+            shim = self.bin / client
+            real = shutil.which(client)
+            if real is None:
+                continue
+            shim.write_text(
+                "#!/bin/sh\n"
+                "# Written by tests/slurm_helpers.py: the Slurm plugins drop SLURM_CONF.\n"
+                f'export SLURM_CONF="${{SLURM_CONF:-{self.slurm_conf}}}"\n'
+                f'exec {real} "$@"\n'
+            )
+            shim.chmod(0o755)
 
     def env(self, **extra: str) -> dict:
         """Environment of a Snakemake run against this cluster (see clean_env)."""
@@ -226,6 +237,26 @@ class Cluster:
             time.sleep(0.5)
         time.sleep(4)
         return self._sacct_rows("--name", name, "-S", since, "-E", "now")
+
+
+SUBMITTED = re.compile(
+    r"has been submitted with SLURM jobid (\d+)"
+    r"|Submitted array job with Snakemake IDs \S+ and SLURM job ID (\d+)\. "
+    r"The individual task IDs are (\d+)-(\d+)\."
+)
+
+
+def submitted_job_ids(output: str) -> list[str]:
+    """The Slurm job ids that a Snakemake output reports, in order; the tasks of a job
+    array as <jobid>_<task>, as sacct lists them."""
+    ids = []
+    for match in SUBMITTED.finditer(output):
+        single, array, first, last = match.groups()
+        if single:
+            ids.append(single)
+        else:
+            ids.extend(f"{array}_{task}" for task in range(int(first), int(last) + 1))
+    return ids
 
 
 def tres(row: dict) -> dict[str, str]:
@@ -314,7 +345,7 @@ class Run:
     @property
     def job_ids(self) -> list[str]:
         """Slurm job ids in the order the plugin reported the submissions."""
-        return re.findall(r"has been submitted with SLURM jobid (\d+)", self.output)
+        return submitted_job_ids(self.output)
 
     @property
     def run_id(self) -> str | None:

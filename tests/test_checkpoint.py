@@ -59,3 +59,39 @@ def test_resume_key_covers_settings_and_every_input():
     assert key != checkpoint.resume_key(settings, {**inputs, "val": "c"})
     assert checkpoint.fingerprint(torch.ones(2)) != checkpoint.fingerprint(torch.ones(3))
     assert checkpoint.fingerprint(torch.tensor(5)) != checkpoint.fingerprint(torch.tensor(6))
+
+
+def _feature_file(features: torch.Tensor, views: torch.Tensor | None = None):
+    identity = stage_checkpoint().identity
+    n = len(features)
+    return checkpoint.FeatureFile(
+        identity=identity,
+        split="train",
+        features=features,
+        labels=torch.arange(n) % 2,
+        views=torch.zeros(n, dtype=torch.int64) if views is None else views,
+        paths=[f"train/cats/{i}.jpg" for i in range(n)],
+    )
+
+
+def _mapped_files() -> str:
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        return maps.read()
+
+
+def test_feature_files_load_memory_mapped_with_the_same_content(tmp_path):
+    record = _feature_file(torch.randn(300, 64, generator=torch.Generator().manual_seed(0)))
+    checkpoint.save(record, tmp_path / "mapped.pt")
+    checkpoint.save(record, tmp_path / "read.pt")
+    mapped = checkpoint.load_features(tmp_path / "mapped.pt")
+    read = checkpoint.load_features(tmp_path / "read.pt", mmap=False)
+    assert str(tmp_path / "mapped.pt") in _mapped_files()
+    assert str(tmp_path / "read.pt") not in _mapped_files()
+    assert torch.equal(mapped.features, record.features) and mapped.paths == record.paths
+    # Same content, same fingerprint, whether the tensor is mapped or in memory.
+    assert checkpoint.features_fingerprint(mapped) == checkpoint.features_fingerprint(read)
+    assert checkpoint.features_fingerprint(mapped) == checkpoint.features_fingerprint(record)
+    # The mapping is private: a change in the process never reaches the file.
+    mapped.features[0, 0] = 1e6
+    again = checkpoint.load_features(tmp_path / "mapped.pt", mmap=False)
+    assert torch.equal(again.features, record.features)

@@ -404,3 +404,19 @@ def test_batchnorm_setting_decides_what_trains_in_train_mode(
     assert last.training == trains
     assert not norms[0].training  # a frozen block's statistics never move
     assert model.head.dropout.training
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-10])
+def test_standardisation_statistics_are_those_of_the_plain_view(scale):
+    """Block by block (never a copy of the features), but torch's numbers over view 0."""
+    generator = torch.Generator().manual_seed(4)
+    plain = 3 * scale + scale * 1e-3 * torch.randn(50, 6, generator=generator)
+    augmented = 100 * scale + torch.randn(50, 6, generator=generator)
+    features = checkpoint.FeatureFile(
+        identity=None, split="train", features=torch.cat([plain, augmented]),
+        labels=torch.zeros(100, dtype=torch.int64),
+        views=torch.tensor([0] * 50 + [1] * 50), paths=[str(i) for i in range(50)],
+    )  # fmt: skip
+    mean, std = stages._plain_view_statistics(features, rows=7)
+    torch.testing.assert_close(mean, plain.double().mean(0).float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(std, plain.double().std(0).float(), rtol=1e-5, atol=0)

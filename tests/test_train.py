@@ -4,6 +4,8 @@ run). On a toy problem: a head on random features."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,8 @@ from helpers import StopAfter
 from torch import nn
 from torch.utils.data import TensorDataset
 from transfer_learning import data, io, models, train
+from transfer_learning.usage import UsageLog
+from transfer_learning.usage import summary as summary_of_usage
 
 
 def _toy_problem(flip_val: bool):
@@ -110,18 +114,25 @@ def test_fit_resumed_after_interruption_equals_uninterrupted(tmp_path):
             model, interrupted_loader_for, val_loader, optimizer, scheduler,
             num_classes=2, epochs=6, seed=5, device=torch.device("cpu"),
             early_stopping=train.EarlyStopping(patience=10), resume_path=resume,
-            resume_key="toy",
+            resume_key="toy", usage=UsageLog("toy", torch.device("cpu")),
         )  # fmt: skip
     saved = io.load_checkpoint(resume)
     assert saved["epoch"] == 3 and len(saved["history"]) == 3
 
     # A new process: other initial weights, fresh optimizer; everything comes from the file.
     model, optimizer, scheduler = _toy_model(train_set, init_seed=99)
+    usage = UsageLog("toy", torch.device("cpu"))
     resumed = _fit(
         train_set, val_set, model, optimizer, scheduler, epochs=6,
-        early=train.EarlyStopping(patience=10), resume=resume,
+        early=train.EarlyStopping(patience=10), resume=resume, usage=usage,
     )  # fmt: skip
     assert resumed.resumed_from == 3
+    # The usage record keeps the first job's finished epochs; the interrupted epoch 4 of
+    # that job never completed a pass over its loader and left no row.
+    assert [(r["pass"], r["epoch"]) for r in usage.rows] == [
+        (name, epoch) for epoch in range(1, 7) for name in ("train", "validate")
+    ]
+    assert {r["images"] for r in usage.rows} == {96, 48}
     assert _history_without_seconds(resumed.history) == _history_without_seconds(full.history)
     assert resumed.best_epoch == full.best_epoch
     for key, value in full_weights.items():
@@ -174,3 +185,31 @@ def test_fit_keeps_the_epoch_the_monitor_picks_and_says_why():
     )  # fmt: skip
     assert last.best_epoch == 4 and "the last epoch (restore_best: false)" in last.kept
     assert "all 4 epochs run" in last.kept
+
+
+class _SlowLoader:
+    """Batches that take a while to arrive, as from a data loader short of CPUs."""
+
+    def __init__(self, batches, delay):
+        self.batches, self.delay = batches, delay
+
+    def __iter__(self):
+        for batch in self.batches:
+            time.sleep(self.delay)
+            yield batch
+
+
+def test_usage_names_a_loader_bound_pass():
+    batches = [(torch.zeros(4, 3), torch.zeros(4)) for _ in range(5)]
+    usage = UsageLog("toy", torch.device("cpu"))
+    assert sum(len(x) for x, _ in usage.measure(_SlowLoader(batches, 0.02), "train", 1)) == 20
+    for _ in usage.measure(batches, "validate", 1):
+        time.sleep(0.02)  # the work, with batches ready at once
+    slow, fast = usage.rows
+    assert (slow["pass"], slow["epoch"], slow["images"]) == ("train", 1, 20)
+    assert slow["loader_wait_fraction"] > 0.8 > 0.2 > fast["loader_wait_fraction"]
+    assert slow["device"].startswith("cpu") and slow["peak_gpu_mb"] == ""
+    assert slow["images_per_s"] == pytest.approx(20 / slow["seconds"], rel=0.05)
+    figures = summary_of_usage([{k: str(v) for k, v in r.items()} for r in usage.rows])
+    assert figures["images_per_s"] == slow["images_per_s"]  # training passes only
+    assert figures["loader_wait_fraction"] == slow["loader_wait_fraction"]

@@ -32,6 +32,7 @@ from PIL import Image
 from transfer_learning import data, verify
 from transfer_learning.errors import UserError
 from transfer_learning.images import load_rgb
+from transfer_learning.io import write_tsv
 
 SPLITS = ["train", "val", "test"]
 
@@ -477,19 +478,26 @@ def test_demo_images_are_not_near_duplicates(tmp_path):
     assert report.ok and report.warnings == [], report.warnings
 
 
-def test_near_duplicate_listing_is_capped():
+def test_near_duplicate_listing_is_capped(tmp_path):
     rng = random.Random(3)
     listed = verify.NEAR_DUPLICATES_LISTED
-    rows = []
-    for k in range(listed + 7):
-        base = rng.getrandbits(63)  # unrelated pictures: about 32 bits apart
-        for split, flip in (("train", 0), ("test", 0b1001)):
-            row = {"split": split, "path": f"{split}/x/{k}.jpg", "pixel_sha256": f"{split}{k}"}
-            rows.append({**row, "phash": f"{base ^ flip:016x}"})
-    report = verify.Report(manifest=rows)
-    verify._find_near_duplicates(report, 4)
+    for split in ("train", "test"):
+        (tmp_path / split / "x").mkdir(parents=True)
+        for k in range(listed + 7):
+            (tmp_path / split / "x" / f"{k:03d}.jpg").touch()
+    tree = verify.walk_dataset(tmp_path, ["train", "test"])
+    images = verify._Images(tree)
+    bases = [rng.getrandbits(63) for _ in range(listed + 7)]  # unrelated: ~32 bits apart
+    for index, (split, _, path) in enumerate(tree.files()):
+        k = int(path[-7:-4])
+        pixels = hashlib.sha256(path.encode()).hexdigest()
+        flip = 0b1001 if split == "test" else 0
+        images.add(index, {"pixel_sha256": pixels, "phash": f"{bases[k] ^ flip:016x}"})
+    report = verify.Report()
+    verify._find_near_duplicates(report, images, images.first_with_same_pixels(), 4)
     assert len(report.warnings) == listed + 1
     assert all("distance 2 <= 4" in w for w in report.warnings[:listed])
+    assert "train/x/000.jpg and test/x/000.jpg" in report.warnings[0]
     assert report.warnings[-1].startswith("7 more near-duplicate pair(s) in different splits")
     assert f"({listed + 7} in all" in report.warnings[-1]
 
@@ -564,3 +572,60 @@ def test_bad_duplicate_settings_are_refused(tree):
         verify.verify_dataset(tree, SPLITS, duplicates="maybe")
     with pytest.raises(UserError, match="near_duplicate_distance"):
         verify.verify_dataset(tree, SPLITS, near_duplicate_distance=-1)
+
+
+# ---- at scale: one read and one decode per image, streamed rows, progress ----------------
+
+
+def test_verification_decodes_the_pixels_training_sees(tree):
+    """The decode path without load_rgb's copies gives load_rgb's pixels for every kind."""
+    folder = tree / "train" / "cats"
+    add_oddities(folder)
+    keyed = Image.new("RGB", (20, 10), (1, 2, 3))
+    keyed.paste((200, 100, 50), (0, 0, 10, 10))
+    keyed.save(folder / "keyed_rgb.png", transparency=(1, 2, 3))
+    palette = Image.new("P", (12, 12), 1)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.save(folder / "palette_trns.png", transparency=1)
+    Image.fromarray(np.full((8, 9), 40000, dtype=np.uint16)).save(folder / "grey16.png")
+    names = [*ODD_NAMES, "keyed_rgb.png", "palette_trns.png", "grey16.png"]
+    for name in names:
+        decoded, size = verify.decode_image(folder / name)
+        expected = load_rgb(folder / name)
+        assert (decoded.mode, decoded.size) == ("RGB", expected.size), name
+        assert decoded.tobytes() == expected.tobytes(), name
+        with Image.open(folder / name) as stored:
+            assert size == stored.size, name
+
+
+def test_streamed_manifest_is_the_table_of_the_rows(tree, tmp_path):
+    kept = verify.verify_dataset(tree, SPLITS, COUNTS, threads=2)
+    streamed = verify.verify_dataset(tree, SPLITS, COUNTS, threads=3, manifest=tmp_path / "m.tsv")
+    assert streamed.ok and streamed.manifest == [] and streamed.images == kept.images == 16
+    assert streamed.counts == kept.counts and streamed.warnings == kept.warnings
+    write_tsv(tmp_path / "expected.tsv", kept.manifest, verify.MANIFEST_COLUMNS)
+    assert (tmp_path / "m.tsv").read_bytes() == (tmp_path / "expected.tsv").read_bytes()
+
+
+def test_rows_come_in_walk_order_whatever_the_threads(tmp_path):
+    # Several tasks of the thread pool per class, so tasks finish out of order.
+    n = 3 * verify.FILES_PER_TASK
+    root = write_images(tmp_path / "many", {"train": {"cats": n, "dogs": n}}, size=8, seed=9)
+    walked = [path for _, _, path in verify.walk_dataset(root, ["train"]).files()]
+    for threads in (1, 4):
+        report = verify.verify_dataset(root, ["train"], None, threads=threads)
+        assert [row["path"] for row in report.manifest] == walked
+
+
+def test_progress_lines_give_the_rate_and_the_time_left(tree, caplog):
+    with caplog.at_level("INFO", logger="transfer_learning"):
+        verify.verify_dataset(tree, SPLITS, COUNTS, progress_seconds=0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "transfer_learning"]
+    assert lines[0].startswith("verify_dataset: 16 files in 6 class folders under ")
+    progress = [line for line in lines if "left" in line]
+    assert len(progress) == 15  # after each image but the last
+    rate_and_time_left = r"\d+ images/s, about \d+ (s|min \d+ s) left"
+    assert re.fullmatch(
+        rf"verify_dataset: 1 of 16 images checked \(6%\), {rate_and_time_left}", progress[0]
+    )
+    assert re.fullmatch(r"verify_dataset: 16 images checked in \d+ s, \d+ images/s", lines[-1])

@@ -137,7 +137,9 @@ def test_every_stage_output_exists_with_its_columns(small_run):
 def test_features_cached_for_train_and_val_only(small_run):
     folder = _feature_dir(small_run)
     assert folder.name.startswith("mobilenet_v2-random-32px-")
-    assert sorted(p.name for p in folder.iterdir()) == ["train.pt", "val.pt"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "train.pt", "train_usage.tsv", "val.pt", "val_usage.tsv",
+    ]  # fmt: skip
     train = torch.load(folder / "train.pt", weights_only=True)
     val = torch.load(folder / "val.pt", weights_only=True)
     # Originals plus one augmented view for train; val stays plain.
@@ -184,6 +186,40 @@ def test_gpu_rules_request_a_gpu_and_threads(small_run):
             assert int(resources["mem_mb"]) > 0 and int(resources["runtime"]) > 0
         else:
             assert "gpu" not in resources, job
+
+
+def test_gpu_stages_record_what_they_used(small_run):
+    """Fine tuning and evaluation write the figures that size the next GPU request."""
+    usage_columns = [
+        "stage", "pass", "epoch", "device", "images", "seconds", "images_per_s",
+        "loader_wait_fraction", "peak_gpu_mb",
+    ]  # fmt: skip
+    finetune = small_run / "results/baseline/finetune/usage.tsv"
+    assert _columns(finetune) == usage_columns
+    epochs = len(read_tsv(small_run / "results/baseline/finetune/history.tsv"))
+    rows = read_tsv(finetune)
+    assert [(r["pass"], int(r["epoch"])) for r in rows] == [
+        (name, epoch) for epoch in range(1, epochs + 1) for name in ("train", "validate")
+    ]
+    assert {r["images"] for r in rows} == {"48", "24"}  # 48 training, 24 validation images
+    for stage in ("head", "finetune"):
+        rows = read_tsv(small_run / f"results/baseline/eval/{stage}/usage.tsv")
+        assert [(r["stage"], r["pass"], r["images"]) for r in rows] == [
+            (f"evaluate {stage}", "val", "24"),
+            (f"evaluate {stage}", "test", "24"),
+        ]
+        for row in rows:
+            assert row["device"].startswith("cpu") and row["peak_gpu_mb"] == ""
+            assert float(row["images_per_s"]) > 0 and 0 <= float(row["loader_wait_fraction"]) <= 1
+    folder = _feature_dir(small_run)
+    for split, images in (("train", 96), ("val", 24)):  # train: originals + one view
+        rows = read_tsv(folder / f"{split}_usage.tsv")
+        assert [(r["stage"], r["pass"], int(r["images"])) for r in rows] == [
+            (f"extract_features {split}", "extract", images)
+        ]
+    for row in read_tsv(small_run / "results/summary.tsv"):
+        assert row["device"].startswith("cpu") and float(row["images_per_s"]) > 0, row
+        assert float(row["gpu_stage_seconds"]) > 0
 
 
 # ---- re-runs -----------------------------------------------------------------------------

@@ -9,11 +9,14 @@
 
 Machines are noisy: every figure is the median of --repeats runs. Usage:
   python tools/benchmark.py [--images-per-class 100] [--image-size 224] [--epochs 5]
+  python tools/benchmark.py scale [--images 100000] ...   # at scale: benchmark_scale.py
+  python tools/benchmark.py ddp [--processes 1 2]          # data parallel: torchrun, gloo
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -24,6 +27,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow_scripts"))
+
+if __name__ == "__main__" and sys.argv[1:2] == ["scale"]:
+    # Before PyTorch is imported: the scale figures take each program's peak memory from
+    # getrusage, which counts the parent's resident memory at the moment of the fork.
+    import benchmark_scale  # tools/, next to this file
+
+    benchmark_scale.main(sys.argv[2:])
+    sys.exit(0)
 
 import torch  # noqa: E402
 import torchvision  # noqa: E402
@@ -243,5 +254,94 @@ def main() -> None:
             print(f"demo workflow end to end: {time.perf_counter() - start:.0f} s wall")
 
 
+def ddp_benchmark(argv: list[str]) -> None:
+    """`benchmark.py ddp`: fine-tuning images/s of 1 and N processes (torchrun, gloo, CPU).
+
+    Each run is `torchrun --standalone --nproc-per-node N benchmark.py ddp --worker`: the
+    training loop (train.train_one_epoch) on the model wrapped in DistributedDataParallel,
+    each process on its share of every global batch of random images (no decoding, so the
+    figure is compute plus communication). Images/s: the global images of an epoch over
+    its wall time, median over the epochs after the first.
+    """
+    parser = argparse.ArgumentParser(prog="benchmark.py ddp", description=ddp_benchmark.__doc__)
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--device", default="cpu", help="cpu (gloo) or auto (GPUs: nccl)")
+    parser.add_argument(
+        "--threads", type=int, help="per process (default: torchrun's, 1 for several)"
+    )
+    parser.add_argument("--worker", metavar="JSON", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return _ddp_worker(args)
+    figures = {}
+    for n in args.processes:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "figures.json"
+            command = [
+                sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={n}", __file__, "ddp", "--worker", str(out),
+                *argv,
+            ]  # fmt: skip
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            figures[n] = json.loads(out.read_text())
+        print(
+            f"ddp {n} process(es), backend {figures[n]['backend']}, "
+            f"{figures[n]['threads']} thread(s) each: {figures[n]['images_per_s']:.1f} images/s "
+            f"(epochs: {', '.join(f'{x:.1f}' for x in figures[n]['epochs'])})"
+        )
+    if 1 in figures:
+        for n in figures:
+            if n > 1:
+                ratio = figures[n]["images_per_s"] / figures[1]["images_per_s"]
+                print(f"ddp speed-up of {n} processes over 1: {ratio:.2f}x")
+
+
+def _ddp_worker(args) -> None:
+    from transfer_learning import distributed, train
+
+    processes = distributed.setup(args.device)
+    device = processes.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=1)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    network = distributed.data_parallel(model, processes)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(args.images, 3, args.image_size, args.image_size, generator=generator)
+    labels = torch.randint(0, 2, (args.images,), generator=generator)
+    loader = data.make_loader(
+        TensorDataset(images, labels), args.batch_size, shuffle=True,
+        rank=processes.rank, world_size=processes.world_size,
+    )  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    epochs = []
+    for epoch in range(args.epochs):
+        loader.sampler.set_epoch(epoch)
+        processes.barrier()
+        start = time.perf_counter()
+        train.train_one_epoch(network, loader, optimizer, loss_fn, 2, device, processes=processes)
+        processes.barrier()
+        epochs.append(args.images / (time.perf_counter() - start))
+    if processes.is_main:
+        figures = {
+            "backend": (
+                ("nccl" if device.type == "cuda" else "gloo") if processes.many else "none"
+            ),
+            "threads": torch.get_num_threads(),
+            "images_per_s": statistics.median(epochs[1:] or epochs),
+            "epochs": epochs,
+        }
+        Path(args.worker).write_text(json.dumps(figures))
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["ddp"]:
+        ddp_benchmark(sys.argv[2:])
+    else:
+        main()

@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--metrics", required=True)
     parser.add_argument("--predictions", required=True)
     parser.add_argument("--confusion", required=True)
+    parser.add_argument("--usage", default=None, help="TSV of GPU figures per pass")
     cli.add_runtime(parser)
     cli.add_settings(parser, EvaluateSettings)
     args = parser.parse_args()
@@ -36,6 +37,7 @@ def main() -> None:
         metrics_out=args.metrics,
         predictions_out=args.predictions,
         confusion_out=args.confusion,
+        usage_out=args.usage,
         weights_file=args.weights_file,
         workers=data.loader_workers(args.threads, args.max_workers),
         device=args.device,

@@ -27,6 +27,7 @@ def main() -> None:
     )
     parser.add_argument("--weights-file", type=cli.optional, default=None)
     parser.add_argument("--output", required=True)
+    parser.add_argument("--usage", default=None, help="TSV of GPU figures of the pass")
     cli.add_runtime(parser)
     cli.add_settings(parser, FeatureSettings)
     args = parser.parse_args()
@@ -37,6 +38,7 @@ def main() -> None:
         split=args.split,
         train_split=args.train_split,
         output=args.output,
+        usage_out=args.usage,
         weights_file=args.weights_file,
         workers=data.loader_workers(args.threads, args.max_workers),
         device=args.device,

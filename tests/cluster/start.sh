@@ -159,8 +159,9 @@ fi
 # Remember the previous configs: running daemons don't see rewritten files.
 OLD_CONF_SUM=$({ cat "$ETC"/*.conf 2>/dev/null || true; } | md5sum)
 
-# The node is shaped like an SDSC Expanse GPU node: 2 x 20 cores, 384 GB,
-# 4 x V100, feature "lustre".  slurmd would normally drain a node that claims
+# The node is shaped like an SDSC Expanse GPU node (2 x 20 cores, 384 GB,
+# 4 x V100, feature "lustre") with some CPU-node room added (see NodeName
+# below).  slurmd would normally drain a node that claims
 # more than the hardware has; SlurmdParameters=config_overrides makes it
 # trust the config.
 cat >"$ETC/slurm.conf" <<EOF
@@ -227,8 +228,14 @@ EnforcePartLimits=ALL
 ReturnToService=2
 # No mail in the sandbox; the default /bin/mail is missing and logs errors.
 MailProg=/bin/true
-MinJobAge=30
-KillWait=5
+# Finished jobs leave slurmctld's memory (and squeue) soon, so the tests see what a
+# workflow sees when it looks at a job that ended longer ago than the site keeps it
+# listed (Slurm's default is 300 s; slurmctld purges about once a minute past that).
+MinJobAge=2
+# Slurm's default: a job gets SIGTERM and 30 s before SIGKILL. A cancelled Snakemake
+# controller cancels its stage jobs and releases its lock in that time; on a loaded
+# 2-core test machine 5 s were not always enough.
+KillWait=30
 InactiveLimit=0
 Waittime=0
 SlurmctldTimeout=30
@@ -238,16 +245,32 @@ MessageTimeout=10
 # FirstJobId, set just before slurmctld starts (see there).
 Include $ETC/first_job_id.inc
 
-NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE Sockets=2 CoresPerSocket=20 ThreadsPerCore=1 RealMemory=384000 Gres=gpu:v100:4 Feature=lustre State=UNKNOWN
+# An Expanse GPU node (40 cores, 384 GB, 4 GPUs) plus 16 cores and 64 GB: on Expanse
+# CPU jobs (a Snakemake controller, train_head, verify_dataset) run on other nodes than
+# the GPU stages; here they would wait for a core while four GPU jobs of 10 cores each
+# hold all 40.
+NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE Sockets=2 CoresPerSocket=28 ThreadsPerCore=1 RealMemory=448000 Gres=gpu:v100:4 Feature=lustre State=UNKNOWN
 
 # Expanse-like partitions, all on the one node.  compute/gpu are whole-node
 # (exclusive) on Expanse; the *-shared/*-debug ones share nodes.
-PartitionName=shared     Nodes=$NODE Default=YES MaxTime=2-00:00:00 DefaultTime=01:00:00 State=UP
-PartitionName=debug      Nodes=$NODE MaxTime=00:30:00 DefaultTime=00:30:00 State=UP
-PartitionName=compute    Nodes=$NODE MaxTime=2-00:00:00 DefaultTime=01:00:00 OverSubscribe=EXCLUSIVE State=UP
-PartitionName=gpu-shared Nodes=$NODE MaxTime=2-00:00:00 DefaultTime=01:00:00 State=UP
-PartitionName=gpu-debug  Nodes=$NODE MaxTime=00:30:00 DefaultTime=00:30:00 State=UP
-PartitionName=gpu        Nodes=$NODE MaxTime=2-00:00:00 DefaultTime=01:00:00 OverSubscribe=EXCLUSIVE State=UP
+# Preemption as on Expanse's gpu-preempt: a job of a partition with a higher
+# PriorityTier that cannot start otherwise takes the resources of gpu-preempt
+# jobs, which are requeued (same job id, pending again, then run from the start
+# of their batch script).  Only gpu-preempt can be preempted (PreemptMode=OFF
+# elsewhere), and only gpu-priority outranks it: on Expanse gpu and gpu-shared
+# jobs preempt it too, here that would let the tests' concurrent runs preempt
+# each other by chance.  gpu-priority stands in for them, for the test that
+# preempts on purpose.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName=shared       Nodes=$NODE Default=YES MaxTime=2-00:00:00 DefaultTime=01:00:00 PreemptMode=OFF State=UP
+PartitionName=debug        Nodes=$NODE MaxTime=00:30:00 DefaultTime=00:30:00 PreemptMode=OFF State=UP
+PartitionName=compute      Nodes=$NODE MaxTime=2-00:00:00 DefaultTime=01:00:00 OverSubscribe=EXCLUSIVE PreemptMode=OFF State=UP
+PartitionName=gpu-shared   Nodes=$NODE MaxTime=2-00:00:00 DefaultTime=01:00:00 PreemptMode=OFF State=UP
+PartitionName=gpu-debug    Nodes=$NODE MaxTime=00:30:00 DefaultTime=00:30:00 PreemptMode=OFF State=UP
+PartitionName=gpu          Nodes=$NODE MaxTime=2-00:00:00 DefaultTime=01:00:00 OverSubscribe=EXCLUSIVE PreemptMode=OFF State=UP
+PartitionName=gpu-preempt  Nodes=$NODE MaxTime=7-00:00:00 DefaultTime=01:00:00 PriorityTier=1 PreemptMode=REQUEUE State=UP
+PartitionName=gpu-priority Nodes=$NODE MaxTime=00:30:00 DefaultTime=00:05:00 PriorityTier=2 PreemptMode=OFF State=UP
 EOF
 
 [[ -s $ETC/first_job_id.inc ]] || echo "FirstJobId=1" >"$ETC/first_job_id.inc"

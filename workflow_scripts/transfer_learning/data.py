@@ -6,8 +6,10 @@ files that `verify_dataset` checked, in a stable order.
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +18,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
+from .distributed import batch_share
 from .errors import UserError
 from .images import load_rgb
-from .io import read_tsv
 from .settings import AugmentSettings
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     split: str
     label_name: str
@@ -32,11 +34,19 @@ class Record:
 
 
 def read_manifest(path: str | os.PathLike) -> list[Record]:
-    rows = read_tsv(path)
-    return [
-        Record(r["split"], r["class"], r["path"], r.get("pixel_sha256") or r.get("sha256", ""))
-        for r in rows
-    ]
+    """The manifest's rows as records, read row by row: a million rows as a list of dicts
+    first would take about a gigabyte (as slotted records with shared split and class
+    names: about 250 MB)."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        return [
+            Record(
+                sys.intern(r["split"]),
+                sys.intern(r["class"]),
+                r["path"],
+                r.get("pixel_sha256") or r.get("sha256", ""),
+            )
+            for r in csv.DictReader(handle, delimiter="\t")
+        ]
 
 
 def class_names(records: Sequence[Record]) -> list[str]:
@@ -151,6 +161,11 @@ class EpochSampler(Sampler[int]):
     With `encode_epoch` the indices carry the epoch (`epoch * n + i`), so loader workers kept
     alive across epochs (persistent_workers) still augment each epoch differently; rebuilding
     workers every epoch costs seconds per epoch on a GPU node.
+
+    With several processes (`world_size`), the one-process order is cut into global batches
+    of `batch_size` and process `rank` yields its share of each (distributed.batch_share),
+    `local_batch_size` at a time: together the processes train on the same batches, in the
+    same order, as one process.
     """
 
     def __init__(
@@ -161,15 +176,48 @@ class EpochSampler(Sampler[int]):
         encode_epoch: bool,
         batch_size: int | None = None,
         drop_lone_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         self.n, self.shuffle, self.seed, self.encode_epoch = n, shuffle, seed, encode_epoch
         self.epoch = 0
+        self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
         # A last batch of ONE image cannot be normalised by BatchNorm in train mode
         # ("Expected more than 1 value per channel"): that image sits this epoch out. The
-        # order is reshuffled every epoch, so it is another image each time.
-        self.length = (
-            n - 1 if drop_lone_last and batch_size and n > 1 and n % batch_size == 1 else n
-        )
+        # order is reshuffled every epoch, so it is another image each time. With several
+        # processes every process needs that much of the last batch (a process with no
+        # images would leave the others waiting): a smaller last batch sits out.
+        self.kept = _kept_images(n, batch_size, world_size, 2 if drop_lone_last else 1)
+        self.shares = self._shares()
+        self.length = sum(stop - start for start, stop in self.shares)
+
+    def _shares(self) -> list[tuple[int, int]]:
+        """(start, stop) in the epoch's order of this process's part of each global batch."""
+        if self.world_size == 1:
+            return [(0, self.kept)]
+        if not self.batch_size:
+            raise ValueError("several processes share global batches: give batch_size")
+        shares = []
+        for start in range(0, self.kept, self.batch_size):
+            size = min(self.batch_size, self.kept - start)
+            part = batch_share(size, self.rank, self.world_size)
+            if part.stop == part.start:
+                raise UserError(
+                    f"{self.kept} training images in batches of {self.batch_size} leave "
+                    f"process {self.rank} of {self.world_size} without images: use fewer "
+                    "GPUs (resources gpu) or a larger split"
+                )
+            shares.append((start + part.start, start + part.stop))
+        return shares
+
+    @property
+    def local_batch_size(self) -> int | None:
+        """This process's share of a full global batch: the loader's batch size."""
+        if self.world_size == 1:
+            return self.batch_size
+        part = batch_share(self.batch_size, self.rank, self.world_size)
+        return part.stop - part.start
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -179,12 +227,23 @@ class EpochSampler(Sampler[int]):
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(self.n, generator=generator).tolist()
         else:
-            order = range(self.n)
+            order = list(range(self.n))
         offset = self.epoch * self.n if self.encode_epoch else 0
-        return iter([offset + i for i in list(order)[: self.length]])
+        return iter([offset + i for start, stop in self.shares for i in order[start:stop]])
 
     def __len__(self) -> int:
         return self.length
+
+
+def _kept_images(n: int, batch_size: int | None, world_size: int, min_share: int) -> int:
+    """Images of an epoch that train: all but a last batch too small to give each of the
+    `world_size` processes `min_share` images (one process: a lone last image)."""
+    if not batch_size:
+        return n
+    last = n % batch_size
+    if last and last < world_size * min_share and n > last:
+        return n - last
+    return n
 
 
 def _worker_ignores_stop_signals(_worker_id: int) -> None:
@@ -207,6 +266,8 @@ def make_loader(
     workers: int = 0,
     pin_memory: bool = False,
     drop_lone_last: bool | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
     """A loader whose order and augmentation follow `loader.sampler.set_epoch(epoch)`.
 
@@ -220,11 +281,13 @@ def make_loader(
         encode_epoch=isinstance(dataset, ImageDataset),
         batch_size=batch_size,
         drop_lone_last=shuffle if drop_lone_last is None else drop_lone_last,
+        rank=rank,
+        world_size=world_size,
     )
     sampler.set_epoch(epoch)
     return DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=sampler.local_batch_size,
         sampler=sampler,
         num_workers=workers,
         pin_memory=pin_memory,
@@ -238,5 +301,10 @@ def make_loader(
 
 
 def loader_workers(threads: int, cap: int = 8) -> int:
-    """Loader processes from the job's CPUs: one core stays with the main process."""
+    """Loader processes from the job's CPUs: one core stays with the main process.
+
+    When torchrun started several processes on this node (LOCAL_WORLD_SIZE), they share the
+    job's CPUs: each gets its part, and the cap applies per process.
+    """
+    threads //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(0, min(cap, threads - 1))

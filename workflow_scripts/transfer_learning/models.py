@@ -2,85 +2,32 @@
 
 Nothing here knows a particular architecture: the classifier to drop, the feature dimension
 and the list of blocks are all found by looking at the model torchvision builds.
+Names of backbones and weights are checked by `catalog` (no PyTorch, so the workflow loads
+without it); they are re-exported here for the stages.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import torch
 import torchvision
 from torch import nn
 
+from .catalog import (  # noqa: F401  (re-exported: one source of truth for the names)
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    check_backbone,
+    is_weights_path,
+    normalisation,
+    resolve_weights,
+    url_filename,
+    weights_filename,
+)
 from .errors import InputNotFound, UserError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-_TORCHVISION_FILE = re.compile(r"-([0-9a-f]{6,})\.pth$")
-
-
-def check_backbone(name: str) -> None:
-    available = torchvision.models.list_models(module=torchvision.models)
-    if name not in available:
-        raise UserError(
-            f"unknown backbone '{name}' (config key model.backbone); torchvision classification "
-            f"models are: {', '.join(sorted(available))}"
-        )
-
-
-def resolve_weights(backbone: str, name: str):
-    """Return the torchvision WeightsEnum member for backbone and weights name."""
-    models = torchvision.models
-    try:
-        enum = models.get_model_weights(backbone)
-    except ValueError:
-        valid = ", ".join(models.list_models(module=models))
-        raise UserError(f"unknown backbone {backbone!r}; valid backbones: {valid}") from None
-    try:
-        # Enum lookup by name resolves the DEFAULT alias to the real member.
-        return enum[name]
-    except KeyError:
-        valid = ", ".join(enum.__members__)
-        raise UserError(
-            f"unknown weights {name!r} for backbone {backbone!r}; valid weights: {valid}"
-        ) from None
-
-
-def url_filename(url: str) -> str:
-    """The last part of a url's path, %-decoded: the name the file is served under."""
-    return os.path.basename(unquote(urlparse(url).path))
-
-
-def weights_filename(weights) -> str:
-    """Basename of the weights' download url, e.g. mobilenet_v2-7ebf99e0.pth."""
-    return url_filename(weights.url)
-
-
-def weights_enum(backbone: str, name: str):
-    """The torchvision weights member for `name` (DEFAULT resolves to the real one)."""
-    try:
-        return resolve_weights(backbone, name)
-    except ValueError as error:
-        raise UserError(f"{error} (config keys model.backbone, model.weights)") from None
-
-
-def is_weights_path(weights: str | None) -> bool:
-    return weights is not None and (weights.endswith((".pth", ".pt")) or os.sep in weights)
-
-
-def normalisation(backbone: str, weights: str | None, mean=None, std=None):
-    """Mean and std the images are normalised with: the config's, else the weights' own."""
-    if mean is not None and std is not None:
-        return list(mean), list(std)
-    if weights is None or is_weights_path(weights):
-        return list(IMAGENET_MEAN), list(IMAGENET_STD)
-    preprocess = weights_enum(backbone, weights).transforms()
-    return list(mean or preprocess.mean), list(std or preprocess.std)
 
 
 def _classifier_child(model: nn.Module) -> str:

@@ -751,9 +751,12 @@ def mistakes_figure(
 # ---- experiments compared ----------------------------------------------------------------
 
 # Columns of summary.tsv that are not an experiment's overrides.
-SUMMARY_FIXED = {"experiment", "stage", "epochs_run", "best_epoch", "train_seconds", "best"} | {
-    f"test_{m}" for m in ("accuracy", "macro_f1", "roc_auc", "loss")
-}
+SUMMARY_FIXED = (
+    {"experiment", "stage", "epochs_run", "best_epoch", "kept", "train_seconds", "best"}
+    | {f"test_{m}" for m in ("accuracy", "macro_f1", "roc_auc", "loss")}
+    # The GPU figures of usage.summary.
+    | {"device", "images_per_s", "loader_wait_fraction", "peak_gpu_mb", "gpu_stage_seconds"}
+)
 
 
 def _metric_label(metric: str) -> str:

@@ -7,6 +7,7 @@ command-line entry point, from a test, or from a notebook on an interactive node
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,13 +15,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-from . import checkpoint, data, metrics, models
+from . import checkpoint, data, distributed, metrics, models
 from .checkpoint import FeatureFile, ModelIdentity, StageCheckpoint
 from .errors import UserError
 from .io import write_tsv
 from .settings import EvaluateSettings, FeatureSettings, FinetuneSettings, HeadSettings
 from .train import (
     EarlyStopping,
+    EpochObserver,
     fit,
     pick_device,
     predict,
@@ -28,6 +30,7 @@ from .train import (
     warmup_then_constant,
     write_history,
 )
+from .usage import UsageLog
 
 log = logging.getLogger("transfer_learning")
 
@@ -73,12 +76,19 @@ def extract_features(
     train_split: str = "train",
     workers: int = 0,
     device: str = "auto",
-) -> FeatureFile:
+    usage_out: str | None = None,
+) -> FeatureFile | None:
     """Run the frozen backbone over one split once; save features, labels and identity.
 
     Only the training split gets the augmented views; validation and test stay plain.
+    Started by torchrun as several processes, each runs a shard of whole batches; rank 0
+    gathers the features in order, writes the same file as one process and returns it (the
+    others return None). Every process calibrates a random backbone on the same images, so
+    all hold the same network without a broadcast.
     """
-    dev = pick_device(device)
+    processes = distributed.setup(device)
+    dev = processes.device
+    usage = UsageLog(f"extract_features {split}", dev)
     records = data.read_manifest(manifest)
     classes = data.class_names(records)
     rows = data.split_records(records, split)
@@ -99,10 +109,28 @@ def extract_features(
     model = build_model_for_features(
         settings.backbone, weights_file, settings.seed, dev, calibration
     )
-    loader = data.make_loader(dataset, settings.batch_size, workers=workers, pin_memory=_pin(dev))
+    shard = (
+        distributed.inference_shard(len(dataset), settings.batch_size, processes)
+        if processes.many
+        else range(len(dataset))
+    )
+    loader = data.make_loader(
+        torch.utils.data.Subset(dataset, shard) if processes.many else dataset,
+        settings.batch_size,
+        workers=workers,
+        pin_memory=_pin(dev),
+    )
     started = time.perf_counter()
-    feats, labels = predict(model, loader, dev)
+    feats, labels = _backbone_features(
+        model, usage.measure(loader, "extract"), dev, len(shard), feature_dim(model, settings, dev)
+    )
+    if processes.many:
+        feats = distributed.gather_in_order(feats, processes, to_all=False)
+        labels = distributed.gather_in_order(labels, processes, to_all=False)
     seconds = time.perf_counter() - started
+    if not processes.is_main:
+        processes.barrier()
+        return None
     log.info(
         "extract_features %s: %d images x %d views -> %s on %s, %.1f images/s",
         split,
@@ -123,7 +151,7 @@ def extract_features(
             classes=classes,
         ),
         split=split,
-        features=feats.flatten(1).contiguous(),
+        features=feats,
         labels=labels,
         views=torch.arange(len(dataset)) // len(rows),
         paths=[r.path for r in rows],
@@ -134,7 +162,72 @@ def extract_features(
         ),
     )
     checkpoint.save(result, output)
+    if usage_out:
+        usage.write(usage_out)
+    processes.barrier()
     return result
+
+
+def feature_dim(model, settings: FeatureSettings, device) -> int:
+    """The backbone's feature width, from one blank image (a shard may hold no image)."""
+    with torch.inference_mode():
+        blank = torch.zeros(1, 3, settings.image_size, settings.image_size, device=device)
+        return int(model(blank.contiguous(memory_format=torch.channels_last)).flatten(1).shape[1])
+
+
+@torch.inference_mode()
+def _backbone_features(
+    model, loader, device, n: int, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (n x D, float32, on the CPU) and labels of every image, in loader order.
+
+    Written batch by batch into one tensor allocated up front: a
+    million images x 1280 floats are 5 GB, and collecting batches to concatenate them
+    would need twice that at the end.
+    """
+    model.eval()
+    features = torch.empty((n, dim), dtype=torch.float32)
+    labels = torch.empty(n, dtype=torch.int64)
+    done = 0
+    for inputs, batch_labels in loader:
+        inputs = inputs.to(device, non_blocking=True)
+        batch = model(inputs.contiguous(memory_format=torch.channels_last)).flatten(1)
+        features[done : done + len(batch)] = batch.float()
+        labels[done : done + len(batch)] = batch_labels
+        done += len(batch)
+    if done != n:
+        raise RuntimeError(f"the loader gave {done} images, the dataset has {n}")
+    return features, labels
+
+
+def _plain_view_statistics(features: FeatureFile, rows: int = 1 << 12):
+    """Mean and standard deviation (n - 1) per feature over the plain view (view 0), as
+    float32, read in blocks of `rows` (4096 x 1280 doubles: 40 MB): on memory-mapped
+    features no full copy is made.
+
+    Two passes in float64 (mean, then squared deviations): random-init features are ~1e-10
+    with far smaller spread, where E[x^2] - E[x]^2 would cancel to noise.
+    """
+
+    def blocks():
+        for start in range(0, len(features.views), rows):
+            block = features.features[start : start + rows]
+            plain = features.views[start : start + rows] == 0
+            yield block if bool(plain.all()) else block[plain]
+
+    total = torch.zeros(features.features.shape[1], dtype=torch.float64)
+    count = 0
+    for block in blocks():
+        total += block.sum(0, dtype=torch.float64)
+        count += len(block)
+    mean = total / max(count, 1)
+    squares = torch.zeros_like(total)
+    for block in blocks():
+        deviations = block.double()
+        deviations -= mean
+        squares += deviations.square_().sum(0)
+    std = (squares / max(count - 1, 1)).sqrt() if count > 1 else torch.full_like(mean, math.nan)
+    return mean.float(), std.float()
 
 
 def train_head(
@@ -146,6 +239,7 @@ def train_head(
     history: str,
     resume: str | None = None,
     device: str = "auto",
+    observers: Sequence[EpochObserver] = (),
 ) -> StageCheckpoint:
     """Train dropout + linear on cached features: seconds, not minutes, for any epoch count."""
     seed_everything(settings.seed)
@@ -158,7 +252,12 @@ def train_head(
     torch.manual_seed(settings.seed)
     head = models.Head(train.features.shape[1], len(classes), settings.dropout)
     # Standardise with the original images only: augmented views would weigh double.
-    head.fit_standardisation(train.features[train.views == 0])
+    # (Head.fit_standardisation's rule, on statistics computed block by block: the
+    # features are memory-mapped, and selecting the plain view would copy them.)
+    mean, std = _plain_view_statistics(train)
+    with torch.no_grad():
+        head.mean.copy_(mean)
+        head.std.copy_(torch.where(std > 0, std, torch.ones_like(std)))
     head.to(dev)
     train_set = TensorDataset(train.features, train.labels)
     val_loader = data.make_loader(TensorDataset(val.features, val.labels), 1024)
@@ -184,6 +283,7 @@ def train_head(
         resume_path=resume,
         resume_key=checkpoint.resume_key(settings, inputs),
         stage="train_head",
+        observers=observers,
     )
     return _keep(
         result,
@@ -255,15 +355,29 @@ def finetune(
     workers: int = 0,
     resume: str | None = None,
     device: str = "auto",
-) -> StageCheckpoint:
-    """Train the last backbone blocks and the head together on augmented images."""
+    usage_out: str | None = None,
+    observers: Sequence[EpochObserver] = (),
+) -> StageCheckpoint | None:
+    """Train the last backbone blocks and the head together on augmented images.
+
+    `usage_out` receives the GPU figures of every pass (usage.py); `observers` follow the
+    epochs (TensorBoard, MLflow).
+
+    Started by torchrun as several processes (distributed.py), each trains on its share of
+    every batch of `batch_size` images and validates its shard of the validation split;
+    rank 0 writes the outputs and returns the checkpoint, the others return None. The
+    usage figures are rank 0's, i.e. one GPU's.
+    """
     seed_everything(settings.seed, settings.deterministic)
-    dev = pick_device(device)
+    processes = distributed.setup(device)
+    dev = processes.device
     start = checkpoint.load_stage(head_checkpoint)
     model, frozen = model_for_finetune(start, settings, weights_file)
+    model = distributed.sync_batchnorm(model, frozen, processes)
     trainable, fixed = models.count_parameters(model)
     log.info("finetune: %d trainable, %d frozen parameters", trainable, fixed)
     model.to(dev).to(memory_format=torch.channels_last)
+    usage = UsageLog("finetune", dev)
 
     records = data.read_manifest(manifest)
     identity = start.identity
@@ -282,9 +396,22 @@ def finetune(
     )
     val_set = data.ImageDataset(data_root, val_rows, identity.classes, **common)
     batch = settings.batch_size
-    val_loader = data.make_loader(val_set, batch * 4, workers=workers, pin_memory=_pin(dev))
+    val_shard = distributed.inference_shard(len(val_set), batch * 4, processes)
+    val_loader = data.make_loader(
+        torch.utils.data.Subset(val_set, val_shard) if processes.many else val_set,
+        batch * 4,
+        workers=workers,
+        pin_memory=_pin(dev),
+    )
     train_loader = data.make_loader(
-        train_set, batch, shuffle=True, seed=settings.seed, workers=workers, pin_memory=_pin(dev)
+        train_set,
+        batch,
+        shuffle=True,
+        seed=settings.seed,
+        workers=workers,
+        pin_memory=_pin(dev),
+        rank=processes.rank,
+        world_size=processes.world_size,
     )
 
     def train_loader_for(epoch: int):
@@ -318,8 +445,16 @@ def finetune(
         frozen=frozen,
         amp=settings.amp,
         stage="finetune",
+        usage=usage,
+        observers=observers,
+        processes=processes,
     )
-    return _keep(
+    if not processes.is_main:
+        processes.barrier()  # rank 0 writes the outputs
+        return None
+    if usage_out:
+        usage.write(usage_out)
+    saved = _keep(
         result,
         settings,
         output=output,
@@ -332,6 +467,8 @@ def finetune(
         model={k: v.cpu() for k, v in result.best_state.items()},
         trainable_parameters=trainable,
     )
+    processes.barrier()
+    return saved
 
 
 def evaluate(
@@ -347,10 +484,18 @@ def evaluate(
     weights_file: str | None = None,
     workers: int = 0,
     device: str = "auto",
+    usage_out: str | None = None,
 ) -> list[dict]:
-    """Metrics, per-image predictions and confusion counts of one stage model per split."""
-    dev = pick_device(device)
+    """Metrics, per-image predictions and confusion counts of one stage model per split.
+
+    Started by torchrun as several processes, each predicts a shard of whole batches of every
+    split; rank 0 gathers the logits in order and writes the same files as one process
+    (the others return []). The usage figures are rank 0's, i.e. one GPU's.
+    """
+    processes = distributed.setup(device)
+    dev = processes.device
     state = checkpoint.load_stage(checkpoint_path)
+    usage = UsageLog(f"evaluate {state.stage}", dev)
     model = models.classifier_from_checkpoint(state, weights_file)
     model = model.to(dev).to(memory_format=torch.channels_last)
     identity = state.identity
@@ -362,10 +507,17 @@ def evaluate(
         dataset = data.ImageDataset(
             data_root, rows, classes, identity.image_size, identity.mean, identity.std
         )
+        if processes.many:
+            shard = distributed.inference_shard(len(dataset), settings.batch_size, processes)
+            dataset = torch.utils.data.Subset(dataset, shard)
         loader = data.make_loader(
             dataset, settings.batch_size, workers=workers, pin_memory=_pin(dev)
         )
-        logits, labels = predict(model, loader, dev)
+        logits, labels = predict(model, loader, dev, usage=usage, pass_name=split)
+        logits = distributed.gather_in_order(logits, processes, to_all=False)
+        labels = distributed.gather_in_order(labels, processes, to_all=False)
+        if not processes.is_main:
+            continue
         probs = models.probabilities(logits, len(classes)).numpy()
         true = labels.numpy()
         row = {"split": split, **metrics.classification_metrics(true, probs, classes)}
@@ -406,7 +558,11 @@ def evaluate(
     for name in classes:
         metric_columns += [f"precision_{name}", f"recall_{name}", f"f1_{name}"]
     metric_columns += ["macro_f1", "roc_auc"]
-    write_tsv(predictions_out, prediction_rows)
-    write_tsv(confusion_out, confusion_rows, ["split", "true", "predicted", "count"])
-    write_tsv(metrics_out, metric_rows, metric_columns)
+    if processes.is_main:
+        write_tsv(predictions_out, prediction_rows)
+        write_tsv(confusion_out, confusion_rows, ["split", "true", "predicted", "count"])
+        write_tsv(metrics_out, metric_rows, metric_columns)
+        if usage_out:
+            usage.write(usage_out)
+    processes.barrier()
     return metric_rows

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from . import checkpoint
+from . import checkpoint, usage
 from .errors import UserError
 from .io import read_tsv, write_tsv
 
@@ -37,6 +37,8 @@ def summary_row(run: dict, test_split: str = "test") -> dict:
     row["best_epoch"] = state.best_epoch
     row["kept"] = state.kept
     row["train_seconds"] = round(float(state.train_seconds), 2)
+    rows = [r for path in run.get("usage", []) for r in read_tsv(path)]
+    row.update(usage.summary(rows))
     return row
 
 

@@ -3,6 +3,10 @@
 Every epoch ends with a resume checkpoint written atomically; randomness is reseeded from
 (seed, epoch) at the start of each epoch, so a run resumed after a Slurm time limit or a
 preemption ends with the same history and weights as one that never stopped (on CPU).
+
+The same loop runs as several processes under torchrun (distributed.py): the model is
+wrapped in DistributedDataParallel, each process trains on its share of every global batch,
+validation is sharded and gathered, and rank 0 alone writes the resume state.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint, models
+from . import checkpoint, distributed, models
+from .distributed import ONE, Processes
 from .errors import TrainingInterrupted, UserError
 from .io import write_tsv
+from .usage import UsageLog
 
 log = logging.getLogger("transfer_learning")
 
@@ -51,9 +57,11 @@ class StopSignals:
         log.warning("received %s: stopping after this batch", signal.Signals(signum).name)
         self.received = signum
 
-    def check(self) -> None:
-        if self.received is not None:
-            raise TrainingInterrupted(self.received)
+    def check(self, processes: Processes = ONE) -> None:
+        """Raise TrainingInterrupted when this process, or any other, received a signal."""
+        _, signum = distributed.agree(processes, 0, self.received, self.SIGNALS)
+        if signum is not None:
+            raise TrainingInterrupted(signum)
 
 
 @dataclass
@@ -96,6 +104,25 @@ class EarlyStopping:
             state["best_epoch"],
             state["bad_epochs"],
         )
+
+
+class EpochObserver:
+    """Follows a training from outside (TensorBoard, MLflow) without changing it.
+
+    `on_start` gets the epochs already run (a resumed training's history), so an observer
+    can add what it missed when the last job stopped between saving an epoch and reporting
+    it; `on_epoch` comes after the epoch is saved for resuming, so it is never reported twice
+    by a run that continues.
+    """
+
+    def on_start(self, history: list[dict]) -> None:
+        pass
+
+    def on_epoch(self, row: dict) -> None:
+        pass
+
+    def on_end(self, result: FitResult) -> None:
+        pass
 
 
 @dataclass
@@ -143,9 +170,8 @@ def write_history(path: str, history: list[dict]) -> None:
 
 
 def pick_device(prefer: str = "auto") -> torch.device:
-    if prefer == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(prefer)
+    """One process's device (distributed.setup picks each process's under torchrun)."""
+    return distributed.pick_device(prefer)
 
 
 def _to_device(inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -175,10 +201,21 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     amp: bool = False,
     stop: StopSignals | None = None,
+    usage: UsageLog | None = None,
+    epoch: int | str = "",
+    processes: Processes = ONE,
 ) -> tuple[float, float]:
+    """One pass over the loader; the epoch's mean loss and accuracy over every process.
+
+    With several processes `model` is the DistributedDataParallel wrapper, which averages the
+    gradients of the processes. Each process's mean loss is weighed by its share of the
+    global batch first (n x processes / images), so the gradient is the global batch's
+    mean even when the shares differ by an image.
+    """
     models.train_mode(model, frozen)
     total_loss, correct, seen = 0.0, 0, 0
-    for inputs, labels in loader:
+    batches = usage.measure(loader, "train", epoch) if usage else loader
+    for inputs, labels in batches:
         inputs, labels = _to_device(inputs, device), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             logits = model(inputs)
@@ -186,42 +223,74 @@ def train_one_epoch(
                 models.logits_for_loss(logits, num_classes).float(),
                 models.loss_targets(labels, num_classes),
             )
+        n = labels.shape[0]
+        # One all_reduce per batch (none in one process): the global batch's size, and the
+        # stop signal of any process, so that every process stops after this same batch.
+        images, signum = distributed.agree(
+            processes, n, stop.received if stop is not None else None, StopSignals.SIGNALS
+        )
+        weighted = loss * (n * processes.world_size / images) if processes.many else loss
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None and scaler.is_enabled():
-            scaler.scale(loss).backward()
+            scaler.scale(weighted).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
+            weighted.backward()
             optimizer.step()
-        n = labels.shape[0]
         total_loss += float(loss.detach()) * n
         correct += correct_predictions(logits.detach(), labels, num_classes)
         seen += n
-        if stop is not None:
-            stop.check()
+        if signum is not None:
+            raise TrainingInterrupted(signum)
+    total_loss, correct, seen = distributed.sum_across(processes, [total_loss, correct, seen])
     return total_loss / seen, correct / seen
 
 
 @torch.inference_mode()
 def predict(
-    model: nn.Module, loader, device: torch.device, *, amp: bool = False
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    *,
+    amp: bool = False,
+    usage: UsageLog | None = None,
+    pass_name: str = "predict",
+    epoch: int | str = "",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of a whole loader, in loader order, on the CPU."""
     model.eval()
     all_logits, all_labels = [], []
-    for inputs, labels in loader:
+    batches = usage.measure(loader, pass_name, epoch) if usage else loader
+    for inputs, labels in batches:
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             logits = model(_to_device(inputs, device))
         all_logits.append(logits.float().cpu())
         all_labels.append(labels)
+    if not all_logits:  # a process whose shard of a small split is empty
+        return torch.empty(0), torch.empty(0, dtype=torch.int64)
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
 def validate(
-    model: nn.Module, loader, loss_fn: nn.Module, num_classes: int, device, *, amp=False
+    model: nn.Module,
+    loader,
+    loss_fn: nn.Module,
+    num_classes: int,
+    device,
+    *,
+    amp=False,
+    usage: UsageLog | None = None,
+    epoch: int | str = "",
+    processes: Processes = ONE,
 ) -> tuple[float, float]:
-    logits, labels = predict(model, loader, device, amp=amp)
+    """Loss and accuracy of the whole split; with several processes `loader` holds this
+    process's shard (distributed.inference_shard) and every process gets the same figures."""
+    logits, labels = predict(
+        model, loader, device, amp=amp, usage=usage, pass_name="validate", epoch=epoch
+    )
+    logits = distributed.gather_in_order(logits, processes)
+    labels = distributed.gather_in_order(labels, processes)
     loss = loss_fn(
         models.logits_for_loss(logits, num_classes), models.loss_targets(labels, num_classes)
     )
@@ -267,6 +336,9 @@ def fit(
     amp: bool = False,
     stage: str = "train",
     restore_best: bool = True,
+    usage: UsageLog | None = None,
+    observers: Sequence[EpochObserver] = (),
+    processes: Processes = ONE,
 ) -> FitResult:
     """Train for up to `epochs`, keep the weights of the lowest val loss, resume if saved.
 
@@ -275,6 +347,12 @@ def fit(
     early-stopping state, best weights and history; it is only used when its key equals
     `resume_key` (settings and the content of every input, `checkpoint.resume_key`), so a
     changed config or changed data never continue a stale run.
+    `usage` measures every pass (kept across resumes); `observers` follow the epochs.
+
+    Several `processes` (torchrun): every process loads the resume state, trains the model
+    wrapped in DistributedDataParallel on its share of each batch (`train_loader_for` gives
+    the shares) and validates its shard of `val_loader`; rank 0 alone writes the resume state
+    and runs the observers, and the others wait for the file (barrier).
     """
     loss_fn = models.loss_function(num_classes)
     amp = amp and device.type == "cuda"
@@ -292,8 +370,16 @@ def fit(
         early_stopping.load_state_dict(state.early_stopping)
         best_state, history = state.best_model, state.history
         start_epoch, elapsed = state.epoch + 1, state.seconds
+        if usage is not None:
+            usage.rows[:0] = state.usage
         log.info("%s: resuming after epoch %d from %s", stage, state.epoch, resume_path)
     resumed_from = start_epoch - 1
+    observers = observers if processes.is_main else ()
+    for observer in observers:
+        observer.on_start(list(history))
+    # Gradients averaged over the processes; the model itself in one process. Validation
+    # and saving use `model`: the same parameters, without the wrapper.
+    network = distributed.data_parallel(model, processes)
 
     stopped_early = early_stopping.should_stop
     with StopSignals() as stop:
@@ -301,11 +387,12 @@ def fit(
             if stopped_early:
                 break
             started = time.perf_counter()
-            # Reseeding per epoch makes dropout and shuffling a function of the epoch alone.
-            torch.manual_seed(seed * 1_000 + epoch)
+            # Reseeding per epoch makes dropout and shuffling a function of the epoch alone
+            # (and of the process: each draws its own dropout masks).
+            torch.manual_seed(seed * 1_000 + epoch + distributed.seed_offset(processes))
             lr = optimizer.param_groups[0]["lr"]
             train_loss, train_acc = train_one_epoch(
-                model,
+                network,
                 train_loader_for(epoch),
                 optimizer,
                 loss_fn,
@@ -315,9 +402,22 @@ def fit(
                 scaler=scaler,
                 amp=amp,
                 stop=stop,
+                usage=usage,
+                epoch=epoch,
+                processes=processes,
             )
-            stop.check()
-            val_loss, val_acc = validate(model, val_loader, loss_fn, num_classes, device, amp=amp)
+            stop.check(processes)
+            val_loss, val_acc = validate(
+                model,
+                val_loader,
+                loss_fn,
+                num_classes,
+                device,
+                amp=amp,
+                usage=usage,
+                epoch=epoch,
+                processes=processes,
+            )
             scheduler.step()
             seconds = time.perf_counter() - started
             elapsed += seconds
@@ -351,7 +451,7 @@ def fit(
                 " best" if improved else "",
             )
             stopped_early = early_stopping.should_stop
-            if resume_path is not None:
+            if resume_path is not None and processes.is_main:
                 checkpoint.save(
                     checkpoint.ResumeState(
                         key=resume_key,
@@ -364,9 +464,14 @@ def fit(
                         early_stopping=early_stopping.state_dict(),
                         best_model=best_state,
                         history=history,
+                        usage=usage.rows if usage is not None else [],
                     ),
                     resume_path,
                 )
+            if resume_path is not None:
+                processes.barrier()  # the file is complete before any process goes on
+            for observer in observers:
+                observer.on_epoch(history[-1])
             if stopped_early:
                 log.info(
                     "%s: early stop after epoch %d, best epoch %d (%s %.4f)",
@@ -381,7 +486,7 @@ def fit(
         best_state = copy.deepcopy(model.state_dict())
     kept = _why_kept(early_stopping, kept_epoch, len(history), epochs, stopped_early, restore_best)
     log.info("%s: kept %s", stage, kept)
-    return FitResult(
+    result = FitResult(
         history=history,
         best_state=best_state,
         best_epoch=kept_epoch,
@@ -391,6 +496,9 @@ def fit(
         stopped_early=stopped_early,
         kept=kept,
     )
+    for observer in observers:
+        observer.on_end(result)
+    return result
 
 
 def _why_kept(early_stopping, kept_epoch, ran, epochs, stopped_early, restore_best) -> str:

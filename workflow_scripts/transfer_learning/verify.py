@@ -13,22 +13,31 @@ This module never imports PyTorch: Snakemake imports it when it loads the workfl
 
 from __future__ import annotations
 
+import bisect
+import csv
 import hashlib
+import io
+import itertools
 import json
+import logging
+import multiprocessing
 import os
+import sys
+import time
 from array import array
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from operator import itemgetter
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
 from .hashing import sha256_file
-from .images import load_rgb
+from .images import to_rgb
 
 # Finder and AppleDouble litter from copies made on a Mac; never images. Any name starting
 # with "." is hidden ("._" is listed for the reader; "." already covers it).
@@ -49,15 +58,32 @@ DUPLICATE_MODES = ("error", "warn", "ignore")
 # How many near-duplicate pairs are listed one by one; the rest are counted.
 NEAR_DUPLICATES_LISTED = 50
 PHASH_BITS = 64
+# Files up to this size are read once into memory, hashed and decoded from there; larger ones
+# (a video left in a class folder) are hashed and decoded from disk in blocks.
+READ_WHOLE_BYTES = 64 << 20
+# Files per task of the worker pool (the pool's own cost per task is about a tenth of an
+# image's decoding), and tasks in flight per worker: enough to keep every worker busy, few
+# enough that only some hundred rows wait to be written at any time.
+FILES_PER_TASK = 16
+TASKS_PER_WORKER = 4
+# A progress line in the log at least this often while images are being checked.
+PROGRESS_SECONDS = 30.0
+
+log = logging.getLogger("transfer_learning")
 
 
 @dataclass
 class Report:
+    """What verification found. `manifest` holds the rows only when no manifest file was
+    given to `verify_dataset` (which then streams them there); `images` counts them either
+    way."""
+
     manifest: list[dict] = field(default_factory=list)
     counts: list[dict] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    images: int = 0
 
     @property
     def ok(self) -> bool:
@@ -236,12 +262,23 @@ def decode_image(path: str | os.PathLike) -> tuple[Image.Image, tuple[int, int]]
     """
     if os.stat(path).st_size == 0:
         raise ValueError("zero-byte file")
+    return _decode(lambda: open(path, "rb"))
+
+
+def _decode(open_file) -> tuple[Image.Image, tuple[int, int]]:
+    """`decode_image` of the file `open_file()` opens (a path's file or the bytes read)."""
     try:
-        with Image.open(path) as image:
+        with open_file() as file, Image.open(file) as image:
             size = image.size
+            # Only some formats check anything in verify() (PNG: chunk checksums); for the
+            # others it is a no-op that costs a second open, so it runs only where it checks.
+            checks = type(image).verify is not ImageFile.ImageFile.verify
+            if not checks:
+                return _upright_rgb(image), size
             image.verify()
-        # verify() skips the pixel data; only a full decode finds a truncated file.
-        return load_rgb(path), size
+        with open_file() as file, Image.open(file) as image:
+            # verify() skips the pixel data; only a full decode finds a truncated file.
+            return _upright_rgb(image), size
     except UnidentifiedImageError:
         raise ValueError("not an image (PIL cannot identify it)") from None
     except (FileNotFoundError, PermissionError):
@@ -250,6 +287,20 @@ def decode_image(path: str | os.PathLike) -> tuple[Image.Image, tuple[int, int]]
         text = str(error)
         kind = "truncated image" if "truncated" in text.lower() else "corrupt image"
         raise ValueError(f"{kind} ({text})") from None
+
+
+def _upright_rgb(image: Image.Image) -> Image.Image:
+    """`load_rgb`'s pixels of an opened image, without its two copies where they change nothing.
+
+    `load_rgb` is `to_rgb(exif_transpose(image))`: exif_transpose copies an image that needs
+    no turn, and to_rgb of an RGB image without a transparent colour key is a copy too.
+    Each copy of a 500 x 375 photo costs about a sixth of its decoding; verification decodes
+    every image of the data set. (tests/test_verify.py checks the pixels against load_rgb.)
+    """
+    ImageOps.exif_transpose(image, in_place=True)
+    if image.mode == "RGB" and not isinstance(image.info.get("transparency"), int | tuple):
+        return image
+    return to_rgb(image)
 
 
 def pixel_sha256(image: Image.Image) -> str:
@@ -288,13 +339,23 @@ def phash(image: Image.Image) -> str:
 
 
 def _examine(root: str, split: str, label: str, path: str) -> dict:
-    """One manifest row; decodes the image once for the checks and both pixel hashes."""
+    """One manifest row; reads the file once and decodes it once for every check and hash."""
     row = {"split": split, "class": label, "path": path}
     full = os.path.join(root, path)
     try:
-        row["bytes"] = os.stat(full).st_size
-        image, (row["width"], row["height"]) = decode_image(full)
-        row["sha256"] = sha256_file(full)
+        size = os.stat(full).st_size
+        if size == 0:
+            raise ValueError("zero-byte file")
+        if size <= READ_WHOLE_BYTES:
+            with open(full, "rb") as handle:
+                content = handle.read()
+            row["bytes"] = len(content)
+            image, (row["width"], row["height"]) = _decode(lambda: io.BytesIO(content))
+            row["sha256"] = hashlib.sha256(content).hexdigest()
+        else:
+            row["bytes"] = size
+            image, (row["width"], row["height"]) = decode_image(full)
+            row["sha256"] = sha256_file(full)
         row["pixel_sha256"] = pixel_sha256(image)
         row["phash"] = phash(image)
     except ValueError as error:
@@ -316,6 +377,8 @@ def verify_dataset(
     threads: int = 1,
     duplicates: str = "error",
     near_duplicate_distance: int = 4,
+    manifest: str | os.PathLike | None = None,
+    progress_seconds: float = PROGRESS_SECONDS,
 ) -> Report:
     """Walk `<root>/<split>/<class>/` and return the manifest, counts and every problem.
 
@@ -323,6 +386,13 @@ def verify_dataset(
     warning ("warn") or nothing ("ignore"); identical pixels within one split are always a
     warning. Image pairs in different splits whose perceptual hashes differ in at most
     `near_duplicate_distance` bits are warnings (0 turns this off, as does "ignore").
+
+    With `manifest` (a path), the manifest rows are written there as the images are checked,
+    in walk order, instead of being kept in `report.manifest`: memory stays bounded on a
+    million images (what the data-set checks keep is under 50 bytes per image, plus the
+    walk's file names). The caller decides whether to keep the file (`report.ok`). `threads`
+    worker processes decode images (one CPU each); a progress line with the rate and the
+    time left is logged every `progress_seconds`.
     """
     if duplicates not in DUPLICATE_MODES:
         raise UserError(f"duplicates must be one of {', '.join(DUPLICATE_MODES)}: {duplicates!r}")
@@ -339,22 +409,177 @@ def verify_dataset(
 
     _compare_class_sets(tree.classes, report)
 
-    root_dir = tree.root
-    jobs = list(tree.files())
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        rows = list(pool.map(lambda job: _examine(root_dir, *job), jobs))
-    for row in rows:
-        if "error" in row:
-            report.problems.append(f"{row['path']}: {row['error']}")
-        else:
-            report.manifest.append(row)
+    images = _Images(tree)
+    log.info(
+        "verify_dataset: %d files in %d class folders under %s; checking them on %d CPUs",
+        len(images),
+        len(tree.folders),
+        tree.root,
+        max(1, threads),
+    )
+    found: dict[tuple[str, str], int] = defaultdict(int)
+    progress = _Progress(len(images), progress_seconds)
+    with _manifest_writer(manifest, report) as write_row:
+        for index, row in enumerate(_examine_all(tree, threads)):
+            if "error" in row:
+                report.problems.append(f"{row['path']}: {row['error']}")
+            else:
+                write_row(row)
+                images.add(index, row)
+                found[row["split"], row["class"]] += 1
+                report.images += 1
+            progress.update(index + 1)
+    progress.finish()
 
-    _find_leaks(report, duplicates)
+    same_pixels = images.first_with_same_pixels()
+    _find_leaks(report, images, same_pixels, duplicates)
     if duplicates != "ignore" and distance > 0:
-        _find_near_duplicates(report, distance)
+        _find_near_duplicates(report, images, same_pixels, distance)
     listed = {(folder.split, folder.label) for folder in tree.folders if folder.names}
-    _count(report, tree.classes, expected_counts, on_count_mismatch, listed)
+    _count(report, tree.classes, expected_counts, on_count_mismatch, listed, found)
     return report
+
+
+class _Images:
+    """What the data-set checks need of every file of a walk, by its index in walk order:
+    whether it is a usable image, its split, its pixels' sha256 (32 bytes) and its phash
+    (8 bytes). Paths are not copied: they are looked up in the walk's folders."""
+
+    def __init__(self, tree: DataTree):
+        self.folders = tree.folders
+        sizes = [len(folder.names) for folder in self.folders]
+        self.starts = list(itertools.accumulate(sizes, initial=0))
+        split_ids = {split: i for i, split in enumerate(tree.classes)}
+        n = self.starts[-1]
+        self.usable = np.zeros(n, dtype=bool)
+        self.pixels = np.zeros((n, 32), dtype=np.uint8)
+        self.phashes = np.zeros(n, dtype=np.uint64)
+        self.split = np.repeat(
+            np.array([split_ids[f.split] for f in self.folders], dtype=np.int16), sizes
+        )
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def path(self, index: int) -> str:
+        k = bisect.bisect_right(self.starts, index) - 1
+        folder = self.folders[k]
+        return f"{folder.split}/{folder.label}/{folder.names[index - self.starts[k]]}"
+
+    def add(self, index: int, row: Mapping) -> None:
+        self.usable[index] = True
+        self.pixels[index] = np.frombuffer(bytes.fromhex(row["pixel_sha256"]), dtype=np.uint8)
+        self.phashes[index] = int(row["phash"], 16)
+
+    def first_with_same_pixels(self) -> np.ndarray:
+        """For each usable image, the index of the first image with the same pixels (its
+        own index when it is the first); -1 for unusable files."""
+        first = np.full(len(self), -1, dtype=np.int64)
+        usable = np.flatnonzero(self.usable)
+        first[usable] = usable
+        # Sort by the digest's first 8 bytes; only images that share them are compared whole.
+        keys = np.ascontiguousarray(self.pixels[usable, :8]).view(np.uint64).ravel()
+        order = np.argsort(keys, kind="stable")
+        ordered = keys[order]
+        bounds = np.flatnonzero(ordered[1:] != ordered[:-1]) + 1
+        starts, ends = np.r_[0, bounds], np.r_[bounds, len(ordered)]
+        for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+            if end - start > 1:
+                heads: dict[bytes, int] = {}
+                for member in usable[order[start:end]].tolist():  # in walk order (stable)
+                    first[member] = heads.setdefault(self.pixels[member].tobytes(), member)
+        return first
+
+
+def _examine_task(root: str, task: list[tuple[str, str, str]]) -> list[dict]:
+    return [_examine(root, *job) for job in task]
+
+
+def _examine_all(tree: DataTree, threads: int) -> Iterator[dict]:
+    """`_examine` of every file of the walk, in walk order, on `threads` CPUs.
+
+    Worker processes, not threads: decoding and hashing release the GIL, but opening a
+    file, the EXIF and perceptual-hash steps are Python, and threads queueing for the
+    GIL between those steps scaled worse than one process per CPU. Only a few tasks per
+    worker are in flight, so the rows waiting to be consumed stay few whatever the size of
+    the data set (no list of every row, let alone of decoded images).
+    """
+    files = tree.files()
+    tasks = iter(lambda: list(itertools.islice(files, FILES_PER_TASK)), [])
+    if threads <= 1:
+        for task in tasks:
+            yield from _examine_task(tree.root, task)
+        return
+    # fork: workers start in milliseconds with this module loaded; where fork is unsafe
+    # (macOS system libraries) they start from scratch.
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
+    context = multiprocessing.get_context(method)
+    with ProcessPoolExecutor(max_workers=threads, mp_context=context) as pool:
+        pending: deque = deque()
+        for task in tasks:
+            pending.append(pool.submit(_examine_task, tree.root, task))
+            if len(pending) >= threads * TASKS_PER_WORKER:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+
+
+@contextmanager
+def _manifest_writer(path: str | os.PathLike | None, report: Report):
+    """A function that takes one manifest row: written to `path` as a TSV row (the format
+    of `io.write_tsv`), or kept in `report.manifest` when there is no path."""
+    if path is None:
+        yield report.manifest.append
+        return
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+        writer.writerow(MANIFEST_COLUMNS)
+        yield lambda row: writer.writerow([row[column] for column in MANIFEST_COLUMNS])
+
+
+class _Progress:
+    """A log line every `seconds` while images are checked: how many, the rate, time left."""
+
+    def __init__(self, total: int, seconds: float):
+        self.total, self.seconds = total, seconds
+        self.started = self.last = time.monotonic()
+        self.done = 0
+
+    def update(self, done: int) -> None:
+        self.done = done
+        now = time.monotonic()
+        if now - self.last < self.seconds or done >= self.total:
+            return
+        self.last = now
+        rate = done / max(now - self.started, 1e-9)
+        log.info(
+            "verify_dataset: %d of %d images checked (%.0f%%), %.0f images/s, about %s left",
+            done,
+            self.total,
+            100 * done / self.total,
+            rate,
+            _duration((self.total - done) / rate),
+        )
+
+    def finish(self) -> None:
+        seconds = time.monotonic() - self.started
+        log.info(
+            "verify_dataset: %d images checked in %s, %.0f images/s",
+            self.done,
+            _duration(seconds),
+            self.done / max(seconds, 1e-9),
+        )
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
 
 
 def _compare_class_sets(classes_of: Mapping[str, list[str]], report: Report) -> None:
@@ -367,19 +592,23 @@ def _compare_class_sets(classes_of: Mapping[str, list[str]], report: Report) -> 
             )
 
 
-def _find_leaks(report: Report, duplicates: str) -> None:
+def _find_leaks(report: Report, images: _Images, same_pixels: np.ndarray, duplicates: str) -> None:
     """The same picture in two splits inflates test scores; within one it only weighs double.
 
     "The same" means the same decoded pixels, so a photo saved again as PNG is caught too.
+    `same_pixels` is `images.first_with_same_pixels()`; groups are listed in walk order.
     """
-    by_hash: dict[str, list[dict]] = defaultdict(list)
-    for row in report.manifest:
-        by_hash[row["pixel_sha256"]].append(row)
-    for rows in by_hash.values():
-        if len(rows) < 2:
-            continue
-        paths = ", ".join(r["path"] for r in rows)
-        if len({r["split"] for r in rows}) == 1:
+    usable = np.flatnonzero(same_pixels >= 0)
+    heads = same_pixels[usable]
+    _, inverse, sizes = np.unique(heads, return_inverse=True, return_counts=True)
+    shared = sizes[inverse] > 1
+    members, heads = usable[shared], heads[shared]
+    order = np.argsort(heads, kind="stable")  # by first appearance, then walk order
+    members, heads = members[order], heads[order]
+    bounds = np.flatnonzero(heads[1:] != heads[:-1]) + 1
+    for group in np.split(members, bounds) if len(members) else []:
+        paths = ", ".join(images.path(i) for i in group.tolist())
+        if len(set(images.split[group].tolist())) == 1:
             report.warnings.append(f"identical image content within one split: {paths}")
         elif duplicates == "error":
             report.problems.append(f"identical image content in more than one split: {paths}")
@@ -458,7 +687,9 @@ def _compare_bucket(members, values, labels, max_distance, found_i, found_j, fou
             found_d.append(distance[r, c].astype(np.int64))
 
 
-def _find_near_duplicates(report: Report, max_distance: int) -> None:
+def _find_near_duplicates(
+    report: Report, images: _Images, same_pixels: np.ndarray, max_distance: int
+) -> None:
     """Pairs in different splits that look alike: re-encoded, resized or slightly cropped.
 
     Compared: one image per distinct pixels and split (copies with identical pixels are
@@ -466,21 +697,19 @@ def _find_near_duplicates(report: Report, max_distance: int) -> None:
     million pairs), and only images with some structure (a flat picture hashes to 0, so
     a red and a blue square would look alike).
     """
-    rows, seen = [], set()
-    for row in report.manifest:
-        key = (row["pixel_sha256"], row["split"])
-        if key not in seen and int(row["phash"], 16):
-            seen.add(key)
-            rows.append(row)
-    pairs = near_duplicate_pairs(
-        [int(row["phash"], 16) for row in rows], max_distance, [row["split"] for row in rows]
-    )
+    candidates = np.flatnonzero((same_pixels >= 0) & (images.phashes != 0))
+    key = same_pixels[candidates] * (int(images.split.max(initial=0)) + 1)
+    key += images.split[candidates].astype(np.int64)
+    _, first = np.unique(key, return_index=True)
+    chosen = candidates[np.sort(first)]
+    pairs = near_duplicate_pairs(images.phashes[chosen], max_distance, images.split[chosen])
     # Identical pixels are already reported by _find_leaks.
-    pairs = [p for p in pairs if rows[p[0]]["pixel_sha256"] != rows[p[1]]["pixel_sha256"]]
+    pairs = [p for p in pairs if same_pixels[chosen[p[0]]] != same_pixels[chosen[p[1]]]]
     for i, j, distance in pairs[:NEAR_DUPLICATES_LISTED]:
         report.warnings.append(
             f"near-duplicate images in different splits (perceptual hash distance {distance}"
-            f" <= {max_distance}): {rows[i]['path']} and {rows[j]['path']}"
+            f" <= {max_distance}): {images.path(int(chosen[i]))} and "
+            f"{images.path(int(chosen[j]))}"
         )
     if len(pairs) > NEAR_DUPLICATES_LISTED:
         report.warnings.append(
@@ -489,10 +718,9 @@ def _find_near_duplicates(report: Report, max_distance: int) -> None:
         )
 
 
-def _count(report, classes_of, expected_counts, on_count_mismatch, listed) -> None:
-    found: dict[tuple[str, str], int] = defaultdict(int)
-    for row in report.manifest:
-        found[row["split"], row["class"]] += 1
+def _count(report, classes_of, expected_counts, on_count_mismatch, listed, found) -> None:
+    """Compare the usable images per class (`found`: (split, class) -> n) with the config."""
+    found = defaultdict(int, found)
     for split, classes in classes_of.items():
         for label in classes:
             if (split, label) not in listed:
