@@ -445,19 +445,32 @@ def test_resumed_two_process_run_equals_the_uninterrupted_one(two_processes):
 # ---- through Snakemake ---------------------------------------------------------------------
 
 
-def test_snakemake_runs_finetune_and_evaluate_on_two_processes(small_run, tmp_path):
-    """`--set-resources finetune:gpu=2 evaluate:gpu=2`: no config change, two processes."""
+def test_snakemake_runs_the_gpu_stages_on_two_processes(small_run, tmp_path):
+    """`--set-resources ...:gpu=2`: no config change, two processes for every GPU stage."""
     workdir = copy_workdir(small_run, tmp_path / "work")
     targets = ["results/baseline/finetune/model.pt", "results/baseline/eval/head/predictions.tsv"]
     # Only the two forced rules run: upstream outputs stay current even if the package's
     # code digest moved since small_run (mtime and input decide, not params).
     proc = snakemake(
-        workdir, *targets, "--forcerun", "finetune", "evaluate", "--rerun-triggers", "mtime",
-        "input", "--set-resources", "finetune:gpu=2", "evaluate:gpu=2",
+        workdir, *targets, "--forcerun", "extract_features", "finetune", "evaluate",
+        "--rerun-triggers", "mtime", "input", "--set-resources", "extract_features:gpu=2",
+        "finetune:gpu=2", "evaluate:gpu=2",
         "--configfile", workdir / "config" / "small.yaml",
     )  # fmt: skip
     assert_ok(proc, "snakemake with two processes")
-    assert job_stats(proc.stdout) == {"finetune": 1, "evaluate": 1}, tail(proc.stdout)
+    assert job_stats(proc.stdout) == {
+        "extract_features": 2, "train_head": 1, "finetune": 1, "evaluate": 1,
+    }, tail(proc.stdout)  # fmt: skip
+    # Extraction shards whole batches and gathers them in order: the one-process features
+    # (to the last digits: the one-process run used two threads, each process here one).
+    for one_file in sorted((small_run / "results" / "features").glob("*/*.pt")):
+        two_file = workdir / one_file.relative_to(small_run)
+        one, two = (torch.load(f, weights_only=True) for f in (one_file, two_file))
+        assert one["paths"] == two["paths"] and torch.equal(one["labels"], two["labels"])
+        scale = one["features"].abs().max()  # random weights: features can be tiny
+        assert scale > 0 and (one["features"] - two["features"]).abs().max() <= 1e-4 * scale
+    extract_log = next((workdir / "logs" / "extract_features").glob("*/train.log")).read_text()
+    assert "2 processes (2 on this node), backend gloo" in extract_log, extract_log
     log = (workdir / "logs" / "finetune" / "baseline.log").read_text()
     assert "2 processes (2 on this node), backend gloo" in log, log
     # weights: null trains BatchNorm: on the CPU per process (SyncBatchNorm needs CUDA).
