@@ -366,6 +366,43 @@ def test_launcher_runs_one_gpu_as_the_program_and_more_with_torchrun():
     assert uneven.returncode != 0 and "cannot be spread evenly" in uneven.stderr
 
 
+# A stage program in miniature: cli.run around a main that ends as the job's rank says.
+STAGE_ENDING = """
+import os, signal, sys
+sys.path.insert(0, {scripts!r})
+from transfer_learning import cli
+from transfer_learning.errors import TrainingInterrupted
+
+def main():
+    ending = sys.argv[1].split(",")[int(os.environ["RANK"])]
+    if ending == "signal":
+        raise TrainingInterrupted(signal.SIGUSR1)
+    if ending == "error":
+        raise RuntimeError("a bug")
+
+cli.run("stage", main)
+"""
+
+
+@pytest.mark.parametrize(
+    "endings, status",
+    [("signal,signal", 75), ("done,signal", 75), ("done,error", 1), ("done,done", 0)],
+)
+def test_launcher_exits_75_when_a_process_stopped_for_a_signal(tmp_path, endings, status):
+    """torchrun exits 1 when any process fails; launch.py says 75 when one was stopped by
+    a signal (its state saved), as one process does, and leaves no marks behind."""
+    program = tmp_path / "stage.py"
+    program.write_text(STAGE_ENDING.format(scripts=str(SCRIPTS)))
+    proc = subprocess.run(
+        [PYTHON, str(LAUNCH), "--gpu", "2", "--", str(program), endings],
+        env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == status, proc.stderr[-3000:]
+    if "signal" in endings:
+        assert "stopped by signal SIGUSR1; state saved" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage.py"]
+
+
 def test_gpu_node_profile_is_the_expanse_profile_with_finetune_on_a_whole_node():
     """profiles/expanse-gpu-node: the `gpu` partition's whole node (4 GPUs, 40 cores, the
     node's memory) for finetune; every other setting is profiles/expanse's."""

@@ -13,6 +13,13 @@ Usage (the GPU rules' shell lines):
   job's first, where Snakemake runs the rule. Needs a Slurm allocation of M nodes whose
   job script runs the rule itself (the `mpi` resource; README, "Several GPUs").
 
+With torchrun this program stays, as torchrun's parent, for one reason: exit status 75.
+A training process stopped by a signal saves its state and exits 75, which the profiles
+and the README promise for an interrupted job; torchrun exits 1 whenever a process fails.
+Each process that stops so leaves a mark in a folder named by the environment
+(`cli.INTERRUPTED_MARKS`, in the working directory, which every node of a job shares),
+and a failed torchrun with a mark there makes this program exit 75.
+
 `--dry-run` prints the command instead of running it. Importing torch would cost seconds,
 so this program runs torchrun as `python -m torch.distributed.run` with its own Python.
 """
@@ -25,8 +32,13 @@ import shlex
 import shutil
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
 
+# cli.py's names, repeated: importing the package would import numpy for nothing.
+INTERRUPTED_MARKS = "TRANSFER_LEARNING_INTERRUPTED_MARKS"
+EXIT_INTERRUPTED = 75
 # torchrun's default rendezvous port; a job's own port is offset by its job id, so two
 # multi-node jobs that share a node do not meet each other.
 RDZV_BASE_PORT = 29400
@@ -109,14 +121,30 @@ def main() -> None:
         print(shlex.join(line))
         return
     sys.stdout.flush()
-    if not one_process(args):
-        # Slurm's early SIGUSR1 (--signal=USR1@300) reaches every process of the job step.
-        # torchrun's agent has no handler for it and would die of it, leaving the training
-        # processes without their agent; ignored here, it stays ignored across exec, and
-        # the agent waits while the training processes (which install their own handler)
-        # stop after the same batch.
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    os.execvp(line[0], line)
+    if one_process(args):
+        os.execvp(line[0], line)
+    raise SystemExit(run_torchrun(line))
+
+
+def run_torchrun(line: list[str]) -> int:
+    """Run torchrun's `line`; its exit status, or 75 when it failed because a training
+    process stopped for a signal (and saved its state)."""
+    # Slurm's early SIGUSR1 (--signal=USR1@300), like its SIGTERM and a terminal's Ctrl-C,
+    # reaches every process of the job step: torchrun's agent and the training processes
+    # get their own, and nothing is passed on from here (a second SIGTERM would cut short
+    # the agent's wait for the training processes to save). torchrun's agent has no handler
+    # for SIGUSR1 and would die of it, leaving the training processes without their agent;
+    # ignored here, it stays ignored in the agent, and the training processes install their
+    # own handler. This process only waits.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
+    with tempfile.TemporaryDirectory(prefix=".launch-", dir=os.getcwd()) as marks:
+        env = {**os.environ, INTERRUPTED_MARKS: marks}
+        status = subprocess.run(line, env=env, check=False).returncode
+        if status != 0 and os.listdir(marks):
+            return EXIT_INTERRUPTED
+    return status if status >= 0 else 128 - status
 
 
 if __name__ == "__main__":

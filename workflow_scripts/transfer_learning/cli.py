@@ -22,6 +22,9 @@ from .errors import TrainingInterrupted, UserError
 
 # Exit status of a job that Slurm stopped early and that saved its state to resume from.
 EXIT_INTERRUPTED = 75
+# Under torchrun (launch.py), the folder where a process that stops so leaves a mark:
+# torchrun itself exits 1 when a process fails, and launch.py turns that into 75.
+INTERRUPTED_MARKS = "TRANSFER_LEARNING_INTERRUPTED_MARKS"
 
 
 def setup_logging() -> None:
@@ -130,6 +133,9 @@ def run(prog: str, main: Callable[[], None], *, memory_hint: str = "") -> None:
         main()
     except TrainingInterrupted as stop:
         logger.error("%s: %s; state saved, re-run (or let Slurm retry) to resume", prog, stop)
+        marks = os.environ.get(INTERRUPTED_MARKS)
+        if marks:
+            Path(marks, f"rank{os.environ.get('RANK', '0')}").touch()
         raise SystemExit(EXIT_INTERRUPTED) from None
     except UserError as error:
         logger.error("%s: %s", prog, error)
