@@ -9,6 +9,7 @@ folder, an image copied into the test split, Finder litter.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import random
 import re
@@ -374,7 +375,6 @@ def test_same_picture_as_png_in_another_split(tree, mode):
     rows = {row["path"]: row for row in report.manifest}
     original, copy = rows[f"train/cats/{source.name}"], rows["test/cats/again.png"]
     assert original["sha256"] != copy["sha256"]
-    assert original["pixel_sha256"] == copy["pixel_sha256"]
     text = f"identical image content in more than one split: train/cats/{source.name}, "
     text += "test/cats/again.png"
     if mode == "error":
@@ -490,9 +490,9 @@ def test_near_duplicate_listing_is_capped(tmp_path):
     bases = [rng.getrandbits(63) for _ in range(listed + 7)]  # unrelated: ~32 bits apart
     for index, (split, _, path) in enumerate(tree.files()):
         k = int(path[-7:-4])
-        pixels = hashlib.sha256(path.encode()).hexdigest()
         flip = 0b1001 if split == "test" else 0
-        images.add(index, {"pixel_sha256": pixels, "phash": f"{bases[k] ^ flip:016x}"})
+        row = {"sha256": hashlib.sha256(path.encode()).hexdigest(), "width": 9, "height": 9}
+        images.add(index, {**row, "phash": f"{bases[k] ^ flip:016x}"})
     report = verify.Report()
     verify._find_near_duplicates(report, images, images.first_with_same_pixels(), 4)
     assert len(report.warnings) == listed + 1
@@ -537,23 +537,42 @@ def test_near_duplicate_search_has_no_pairs_for_few_hashes():
     assert verify.near_duplicate_pairs([123], 6) == []
 
 
-def test_manifest_rows_carry_pixel_hashes(tree):
+def test_manifest_rows_carry_hashes(tree):
     report = verify.verify_dataset(tree, SPLITS, COUNTS)
     for row in report.manifest:
         assert list(row) == verify.MANIFEST_COLUMNS
-        image = load_rgb(tree / row["path"])
-        header = f"RGB {image.width}x{image.height}\n".encode()
-        assert row["pixel_sha256"] == hashlib.sha256(header + image.tobytes()).hexdigest()
-        assert row["phash"] == verify.phash(image)
+        assert row["sha256"] == hashlib.sha256((tree / row["path"]).read_bytes()).hexdigest()
         assert len(row["phash"]) == 16 and int(row["phash"], 16) >> 63 == 0  # DC bit is 0
     assert len({row["phash"] for row in report.manifest}) == 16
 
 
+def _phash_distance(a: str, b: str) -> int:
+    return (int(a, 16) ^ int(b, 16)).bit_count()
+
+
+@pytest.mark.parametrize("size", [(32, 32), (150, 130), (512, 600), (1000, 700)])
+def test_scaled_decoding_gives_the_phash_of_the_full_picture(tmp_path, size):
+    """A JPEG's phash comes from libjpeg's scaled decoding, a PNG's from its full pixels
+    box-averaged: the same picture lands within two bits, as a PNG copy's does."""
+    _photo().resize(size).save(tmp_path / "photo.jpg", quality=90)
+    full = load_rgb(tmp_path / "photo.jpg")
+    full.save(tmp_path / "photo.png")
+    scale = verify.phash_scale(size)
+    assert scale == {32: 1, 150: 2, 512: 8, 1000: 8}[size[0]]
+    rows = {}
+    for name in ("photo.jpg", "photo.png"):
+        rows[name] = verify._examine(str(tmp_path), "train", "x", name)
+        assert (rows[name]["width"], rows[name]["height"]) == size
+    assert rows["photo.png"]["phash"] == verify.phash(full)
+    assert _phash_distance(rows["photo.jpg"]["phash"], verify.phash(full)) <= 2
+
+
 def test_phash_against_a_direct_dct():
-    image = _photo().resize((120, 90))
-    grey = np.asarray(
-        image.convert("L").resize((32, 32), Image.Resampling.LANCZOS, reducing_gap=3.0), float
-    )
+    image = _photo().resize((300, 260))
+    assert verify.phash_scale(image.size) == 4
+    small = np.asarray(image, dtype=np.float64).reshape(65, 4, 75, 4, 3).mean(axis=(1, 3))
+    boxed = Image.fromarray(np.round(small).astype(np.uint8))
+    grey = np.asarray(boxed.convert("L").resize((32, 32), Image.Resampling.LANCZOS), float)
     n = np.arange(32)
     basis = np.cos(np.pi * np.outer(np.arange(8), 2 * n + 1) / 64)
     coefficients = np.array(
@@ -565,6 +584,63 @@ def test_phash_against_a_direct_dct():
     assert bits.sum() == 31
     # A flat picture has no structure: no bit is set, however float rounding falls.
     assert verify.phash(Image.new("RGB", (50, 40), (90, 10, 200))) == "0" * 16
+
+
+def _corruptions(content: bytes, rng: random.Random, count: int):
+    """`count` damaged copies: cut short, bytes overwritten, stray markers put in."""
+    header = content.index(b"\xff\xda")  # start of scan: the entropy-coded data follow
+    for k in range(count):
+        damaged = bytearray(content)
+        if k % 3 == 0:
+            damaged = damaged[: rng.randrange(header, len(content))]
+        elif k % 3 == 1:
+            for _ in range(rng.randrange(1, 20)):
+                damaged[rng.randrange(header, len(damaged))] = rng.randrange(256)
+        else:
+            at = rng.randrange(header, len(damaged) - 2)
+            damaged[at : at + 2] = bytes([0xFF, rng.choice([0xD9, 0xC4, 0xDB, 0xDA, 0xD0])])
+        yield bytes(damaged)
+
+
+@pytest.mark.parametrize("kind", ["baseline", "progressive", "CMYK", "greyscale"])
+def test_scaled_decoding_judges_damaged_jpegs_as_full_decoding_does(kind):
+    photo = _photo().resize((500, 375))
+    image, options = {
+        "baseline": (photo, {}),
+        "progressive": (photo, {"progressive": True}),
+        "CMYK": (photo.convert("CMYK"), {}),
+        "greyscale": (photo.convert("L"), {}),
+    }[kind]
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90, **options)
+    verdicts = {True: 0, False: 0}
+    for damaged in _corruptions(buffer.getvalue(), random.Random(kind), 150):
+        outcomes = []
+        for scaled in (False, True):
+            try:
+                verify._decode(lambda damaged=damaged: io.BytesIO(damaged), scaled)
+                outcomes.append(True)
+            except ValueError:
+                outcomes.append(False)
+        assert outcomes[0] == outcomes[1], (kind, len(damaged))
+        verdicts[outcomes[0]] += 1
+    assert verdicts[True] > 10 and verdicts[False] > 50, verdicts  # both verdicts are tried
+
+
+def test_turned_jpeg_and_its_upright_png_in_two_splits_are_identical(tree):
+    """Identical pixels through EXIF: the JPEG is stored on its side, the PNG upright."""
+    photo = _photo().resize((300, 200))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to view
+    photo.save(tree / "train" / "cats" / "turned.jpg", quality=90, exif=exif)
+    upright = load_rgb(tree / "train" / "cats" / "turned.jpg")
+    assert upright.size == (200, 300)
+    upright.save(tree / "test" / "cats" / "upright.png")
+    report = verify.verify_dataset(tree, SPLITS, None, threads=2)
+    assert report.problems == [
+        "identical image content in more than one split: train/cats/turned.jpg, "
+        "test/cats/upright.png"
+    ]
 
 
 def test_bad_duplicate_settings_are_refused(tree):

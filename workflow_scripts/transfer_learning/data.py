@@ -29,7 +29,7 @@ class Record:
     split: str
     label_name: str
     path: str  # relative to the data root
-    # The image's content hash from verification: what a resume key sees of the image.
+    # The file's sha256 from verification: what a resume key sees of the image.
     content: str = ""
 
 
@@ -43,7 +43,7 @@ def read_manifest(path: str | os.PathLike) -> list[Record]:
                 sys.intern(r["split"]),
                 sys.intern(r["class"]),
                 r["path"],
-                r.get("pixel_sha256") or r.get("sha256", ""),
+                r["sha256"],
             )
             for r in csv.DictReader(handle, delimiter="\t")
         ]

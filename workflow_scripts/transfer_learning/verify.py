@@ -26,7 +26,7 @@ import sys
 import time
 from array import array
 from collections import defaultdict, deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -51,13 +51,19 @@ MANIFEST_COLUMNS = [
     "width",
     "height",
     "sha256",
-    "pixel_sha256",
     "phash",
 ]
 DUPLICATE_MODES = ("error", "warn", "ignore")
 # How many near-duplicate pairs are listed one by one; the rest are counted.
 NEAR_DUPLICATES_LISTED = 50
 PHASH_BITS = 64
+# The perceptual hash box-averages a picture by 1, 2, 4 or 8 before anything else, the
+# largest that leaves this many pixels a side: twice the 32 x 32 it transforms.
+PHASH_MIN_SIDE = 64
+# Images whose perceptual hashes differ in at most this many bits (and whose sizes match)
+# are decoded a second time, whole, to compare their pixels exactly: a JPEG's hash comes
+# from its scaled decoding, and a PNG saved from the same pixels lands 0-2 bits away.
+PIXEL_CHECK_DISTANCE = 4
 # Files up to this size are read once into memory, hashed and decoded from there; larger ones
 # (a video left in a class folder) are hashed and decoded from disk in blocks.
 READ_WHOLE_BYTES = 64 << 20
@@ -265,8 +271,16 @@ def decode_image(path: str | os.PathLike) -> tuple[Image.Image, tuple[int, int]]
     return _decode(lambda: open(path, "rb"))
 
 
-def _decode(open_file) -> tuple[Image.Image, tuple[int, int]]:
-    """`decode_image` of the file `open_file()` opens (a path's file or the bytes read)."""
+def _decode(open_file, scaled: bool = False) -> tuple[Image.Image, tuple[int, int]]:
+    """`decode_image` of the file `open_file()` opens (a path's file or the bytes read).
+
+    With `scaled`, the picture comes back box-averaged by its `phash_scale` (what `phash`
+    transforms), and a JPEG is decoded at that scale by libjpeg (DCT scaling, grey for a
+    colour photo). That still decodes every byte of the entropy-coded data, the part a
+    truncated or corrupt file breaks (tests/test_verify.py corrupts JPEGs in hundreds of
+    ways: the verdict is always a full decoding's), and skips the full-size inverse DCTs and
+    colour conversion, a third of the decoding of a 500 x 375 photo.
+    """
     try:
         with open_file() as file, Image.open(file) as image:
             size = image.size
@@ -274,11 +288,11 @@ def _decode(open_file) -> tuple[Image.Image, tuple[int, int]]:
             # others it is a no-op that costs a second open, so it runs only where it checks.
             checks = type(image).verify is not ImageFile.ImageFile.verify
             if not checks:
-                return _upright_rgb(image), size
+                return _load(image, scaled), size
             image.verify()
         with open_file() as file, Image.open(file) as image:
             # verify() skips the pixel data; only a full decode finds a truncated file.
-            return _upright_rgb(image), size
+            return _load(image, scaled), size
     except UnidentifiedImageError:
         raise ValueError("not an image (PIL cannot identify it)") from None
     except (FileNotFoundError, PermissionError):
@@ -287,6 +301,20 @@ def _decode(open_file) -> tuple[Image.Image, tuple[int, int]]:
         text = str(error)
         kind = "truncated image" if "truncated" in text.lower() else "corrupt image"
         raise ValueError(f"{kind} ({text})") from None
+
+
+def _load(image: Image.Image, scaled: bool) -> Image.Image:
+    if not scaled:
+        return _upright_rgb(image)
+    scale = phash_scale(image.size)
+    if image.format == "JPEG":
+        image.draft("L", (image.width // scale, image.height // scale))
+        return _upright_rgb(image)
+    return _reduced(_upright_rgb(image), scale)
+
+
+def _reduced(image: Image.Image, scale: int) -> Image.Image:
+    return image.reduce(scale) if scale > 1 else image
 
 
 def _upright_rgb(image: Image.Image) -> Image.Image:
@@ -303,8 +331,13 @@ def _upright_rgb(image: Image.Image) -> Image.Image:
     return to_rgb(image)
 
 
-def pixel_sha256(image: Image.Image) -> str:
-    """Hex sha256 of decoded pixels: mode, size and raw bytes, so re-encoding keeps it."""
+def pixel_hash(image: Image.Image) -> str:
+    """Hex sha256 of decoded pixels: mode, size and raw bytes, so re-encoding keeps it.
+
+    Only look-alike images are hashed so (`_Images.first_with_same_pixels`): at 0.35 ms
+    for a 500 x 375 photo, more than half its decoding, it would slow verification of
+    every image down by half.
+    """
     width, height = image.size
     digest = hashlib.sha256(f"{image.mode} {width}x{height}\n".encode())
     # Strips of about 1 MiB: as fast as one tobytes() of a small image, and for a large
@@ -322,15 +355,32 @@ def pixel_sha256(image: Image.Image) -> str:
 _DCT8x32 = np.cos(np.pi * np.outer(np.arange(8), 2 * np.arange(32) + 1) / 64)
 
 
-def phash(image: Image.Image) -> str:
-    """64-bit DCT perceptual hash as 16 hex digits.
+def phash_scale(size: tuple[int, int]) -> int:
+    """The box (1, 2, 4 or 8 pixels a side) `phash` averages over first: the largest that
+    leaves at least PHASH_MIN_SIDE pixels a side."""
+    scale = 8
+    while scale > 1 and min(size) // scale < PHASH_MIN_SIDE:
+        scale //= 2
+    return scale
 
-    Greyscale, resized to 32 x 32, 2-D DCT; of the top-left 8 x 8 coefficients each bit
-    says whether it is above the median of the 63 non-DC ones. The DC term (the mean
-    brightness, far larger than the rest) is left out of the median and its bit is always
-    0. Coefficients are rounded first so that float noise of a flat image cannot set bits.
+
+def phash(image: Image.Image) -> str:
+    """64-bit DCT perceptual hash of a picture (as `load_rgb` gives it) as 16 hex digits.
+
+    Box-averaged by `phash_scale`, greyscale, LANCZOS to 32 x 32, 2-D DCT; of the top-left
+    8 x 8 coefficients each bit says whether it is above the median of the 63 non-DC ones.
+    The DC term (the mean brightness, far larger than the rest) is left out of the median
+    and its bit is always 0. Coefficients are rounded first so that float noise of a flat
+    image cannot set bits. Averaging boxes first costs a quarter of resizing the whole
+    picture, and leaving LANCZOS at least twice the final size keeps resized and
+    re-encoded copies within a few bits of each other (tests/test_verify.py).
     """
-    grey = image.convert("L").resize((32, 32), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return _phash_scaled(_reduced(image, phash_scale(image.size)))
+
+
+def _phash_scaled(image: Image.Image) -> str:
+    """`phash` of a picture already box-averaged by its `phash_scale`."""
+    grey = image.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
     pixels = np.asarray(grey, dtype=np.float64)
     coefficients = np.round(_DCT8x32 @ pixels @ _DCT8x32.T, 6).ravel()
     bits = coefficients > np.median(coefficients[1:])
@@ -339,7 +389,8 @@ def phash(image: Image.Image) -> str:
 
 
 def _examine(root: str, split: str, label: str, path: str) -> dict:
-    """One manifest row; reads the file once and decodes it once for every check and hash."""
+    """One manifest row; reads the file once and decodes it once (scaled: `_decode`) for
+    every check and hash."""
     row = {"split": split, "class": label, "path": path}
     full = os.path.join(root, path)
     try:
@@ -350,14 +401,13 @@ def _examine(root: str, split: str, label: str, path: str) -> dict:
             with open(full, "rb") as handle:
                 content = handle.read()
             row["bytes"] = len(content)
-            image, (row["width"], row["height"]) = _decode(lambda: io.BytesIO(content))
+            image, (row["width"], row["height"]) = _decode(lambda: io.BytesIO(content), scaled=True)
             row["sha256"] = hashlib.sha256(content).hexdigest()
         else:
             row["bytes"] = size
-            image, (row["width"], row["height"]) = decode_image(full)
+            image, (row["width"], row["height"]) = _decode(lambda: open(full, "rb"), True)
             row["sha256"] = sha256_file(full)
-        row["pixel_sha256"] = pixel_sha256(image)
-        row["phash"] = phash(image)
+        row["phash"] = _phash_scaled(image)
     except ValueError as error:
         row["error"] = str(error)
     except OSError as error:
@@ -431,7 +481,7 @@ def verify_dataset(
             progress.update(index + 1)
     progress.finish()
 
-    same_pixels = images.first_with_same_pixels()
+    same_pixels = images.first_with_same_pixels(threads)
     _find_leaks(report, images, same_pixels, duplicates)
     if duplicates != "ignore" and distance > 0:
         _find_near_duplicates(report, images, same_pixels, distance)
@@ -442,18 +492,22 @@ def verify_dataset(
 
 class _Images:
     """What the data-set checks need of every file of a walk, by its index in walk order:
-    whether it is a usable image, its split, its pixels' sha256 (32 bytes) and its phash
-    (8 bytes). Paths are not copied: they are looked up in the walk's folders."""
+    whether it is a usable image, its split, its file's sha256 (the first 16 bytes), its
+    phash and its size (8 bytes each). Paths are not copied: they are looked up in the
+    walk's folders."""
 
     def __init__(self, tree: DataTree):
+        self.root = tree.root
         self.folders = tree.folders
         sizes = [len(folder.names) for folder in self.folders]
         self.starts = list(itertools.accumulate(sizes, initial=0))
         split_ids = {split: i for i, split in enumerate(tree.classes)}
         n = self.starts[-1]
         self.usable = np.zeros(n, dtype=bool)
-        self.pixels = np.zeros((n, 32), dtype=np.uint8)
+        self.content = np.zeros((n, 16), dtype=np.uint8)
         self.phashes = np.zeros(n, dtype=np.uint64)
+        # Shorter side << 32 | longer side: an EXIF-turned photo and its upright copy match.
+        self.shape = np.zeros(n, dtype=np.uint64)
         self.split = np.repeat(
             np.array([split_ids[f.split] for f in self.folders], dtype=np.int16), sizes
         )
@@ -468,47 +522,109 @@ class _Images:
 
     def add(self, index: int, row: Mapping) -> None:
         self.usable[index] = True
-        self.pixels[index] = np.frombuffer(bytes.fromhex(row["pixel_sha256"]), dtype=np.uint8)
+        self.content[index] = np.frombuffer(bytes.fromhex(row["sha256"])[:16], dtype=np.uint8)
         self.phashes[index] = int(row["phash"], 16)
+        short, long = sorted((int(row["width"]), int(row["height"])))
+        self.shape[index] = short << 32 | long
 
-    def first_with_same_pixels(self) -> np.ndarray:
-        """For each usable image, the index of the first image with the same pixels (its
-        own index when it is the first); -1 for unusable files."""
-        first = np.full(len(self), -1, dtype=np.int64)
+    def first_with_same_pixels(self, threads: int = 1) -> np.ndarray:
+        """For each usable image, the index of the first image with the same decoded pixels
+        (its own index when it is the first); -1 for unusable files.
+
+        Identical files have identical pixels. Of the others, only look-alikes can: files
+        with the same size whose perceptual hashes are within PIXEL_CHECK_DISTANCE bits
+        (identical pixels give identical hashes, except that a JPEG's comes from its scaled
+        decoding). Those few are decoded whole, on `threads` CPUs, and their pixels hashed.
+        """
+        first = _first_of_groups(self.content, self.usable)
+        distinct = np.flatnonzero(first == np.arange(len(self)))
+        suspects = self._look_alikes(distinct)
+        if not len(suspects):
+            return first
+        log.info("verify_dataset: comparing the pixels of %d look-alike images", len(suspects))
+        files = (self.path(int(i)) for i in suspects)
+        hashes = np.zeros((len(suspects), 32), dtype=np.uint8)
+        decoded = np.zeros(len(suspects), dtype=bool)
+        for k, digest in enumerate(_in_workers(_pixel_hash_task, self.root, files, threads)):
+            if digest is not None:  # else it changed since it was checked: no match
+                hashes[k] = np.frombuffer(bytes.fromhex(digest), dtype=np.uint8)
+                decoded[k] = True
+        same = _first_of_groups(hashes, decoded)  # suspects are in walk order
+        # The first file of each group of identical files now points to the first image
+        # with its pixels; every copy follows its group's first file there.
+        heads = np.arange(len(self))
+        heads[suspects[decoded]] = suspects[same[decoded]]
         usable = np.flatnonzero(self.usable)
-        first[usable] = usable
-        # Sort by the digest's first 8 bytes; only images that share them are compared whole.
-        keys = np.ascontiguousarray(self.pixels[usable, :8]).view(np.uint64).ravel()
-        order = np.argsort(keys, kind="stable")
-        ordered = keys[order]
-        bounds = np.flatnonzero(ordered[1:] != ordered[:-1]) + 1
-        starts, ends = np.r_[0, bounds], np.r_[bounds, len(ordered)]
-        for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
-            if end - start > 1:
-                heads: dict[bytes, int] = {}
-                for member in usable[order[start:end]].tolist():  # in walk order (stable)
-                    first[member] = heads.setdefault(self.pixels[member].tobytes(), member)
+        first[usable] = heads[first[usable]]
         return first
+
+    def _look_alikes(self, indices: np.ndarray) -> np.ndarray:
+        """Those of `indices` that share their size with another of them and are within
+        PIXEL_CHECK_DISTANCE bits of its phash, in walk order."""
+        keys = np.stack([self.phashes[indices], self.shape[indices]], axis=1)
+        unique, inverse, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+        inverse = inverse.ravel()
+        chosen = counts > 1  # the same phash and size: look-alikes without a search
+        for i, j, _ in near_duplicate_pairs(unique[:, 0], PIXEL_CHECK_DISTANCE):
+            if unique[i, 1] == unique[j, 1]:
+                chosen[i] = chosen[j] = True
+        return indices[chosen[inverse]]
+
+
+def _first_of_groups(digests: np.ndarray, member: np.ndarray) -> np.ndarray:
+    """For each member row, the index of the first member row with the same digest (its
+    own index when it is the first); -1 for the others."""
+    first = np.full(len(digests), -1, dtype=np.int64)
+    members = np.flatnonzero(member)
+    first[members] = members
+    # Sort by the digest's first 8 bytes; only rows that share them are compared whole.
+    keys = np.ascontiguousarray(digests[members, :8]).view(np.uint64).ravel()
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    bounds = np.flatnonzero(ordered[1:] != ordered[:-1]) + 1
+    starts, ends = np.r_[0, bounds], np.r_[bounds, len(ordered)]
+    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+        if end - start > 1:
+            heads: dict[bytes, int] = {}
+            for row in members[order[start:end]].tolist():  # in walk order (stable)
+                first[row] = heads.setdefault(digests[row].tobytes(), row)
+    return first
 
 
 def _examine_task(root: str, task: list[tuple[str, str, str]]) -> list[dict]:
     return [_examine(root, *job) for job in task]
 
 
+def _pixel_hash_task(root: str, task: list[str]) -> list[str | None]:
+    digests = []
+    for path in task:
+        try:
+            digests.append(pixel_hash(decode_image(os.path.join(root, path))[0]))
+        except (OSError, ValueError):
+            digests.append(None)
+    return digests
+
+
 def _examine_all(tree: DataTree, threads: int) -> Iterator[dict]:
-    """`_examine` of every file of the walk, in walk order, on `threads` CPUs.
+    """`_examine` of every file of the walk, in walk order, on `threads` CPUs."""
+    return _in_workers(_examine_task, tree.root, tree.files(), threads)
+
+
+def _in_workers(task_function, root: str, items: Iterable, threads: int) -> Iterator:
+    """`task_function(root, task)` over `items` in tasks of FILES_PER_TASK, on `threads`
+    CPUs; the results of every task, in order.
 
     Worker processes, not threads: decoding and hashing release the GIL, but opening a
     file, the EXIF and perceptual-hash steps are Python, and threads queueing for the
     GIL between those steps scaled worse than one process per CPU. Only a few tasks per
-    worker are in flight, so the rows waiting to be consumed stay few whatever the size of
-    the data set (no list of every row, let alone of decoded images).
+    worker are in flight, so the results waiting to be consumed stay few whatever the size
+    of the data set (no list of every row, let alone of decoded images).
     """
-    files = tree.files()
-    tasks = iter(lambda: list(itertools.islice(files, FILES_PER_TASK)), [])
+    items = iter(items)
+    tasks = iter(lambda: list(itertools.islice(items, FILES_PER_TASK)), [])
     if threads <= 1:
         for task in tasks:
-            yield from _examine_task(tree.root, task)
+            yield from task_function(root, task)
         return
     # fork: workers start in milliseconds with this module loaded; where fork is unsafe
     # (macOS system libraries) they start from scratch.
@@ -517,7 +633,7 @@ def _examine_all(tree: DataTree, threads: int) -> Iterator[dict]:
     with ProcessPoolExecutor(max_workers=threads, mp_context=context) as pool:
         pending: deque = deque()
         for task in tasks:
-            pending.append(pool.submit(_examine_task, tree.root, task))
+            pending.append(pool.submit(task_function, root, task))
             if len(pending) >= threads * TASKS_PER_WORKER:
                 yield from pending.popleft().result()
         while pending:
