@@ -93,11 +93,12 @@ class Cluster:
 
     def __init__(self, state: Path):
         self.state = Path(state)
-        ctld, slurmd, dbd, mysql = free_ports(4)
+        ctld, slurmd, slurmd2, dbd, mysql = free_ports(5)
         self.script_env = {
             **os.environ,
             "TLWF_SLURMCTLD_PORT": str(ctld),
             "TLWF_SLURMD_PORT": str(slurmd),
+            "TLWF_SLURMD2_PORT": str(slurmd2),
             "TLWF_SLURMDBD_PORT": str(dbd),
             "TLWF_MYSQL_PORT": str(mysql),
         }

@@ -1,7 +1,8 @@
 """The Expanse profiles on a real Slurm cluster, checked against Slurm's own records.
 
 The cluster is tests/cluster: one node shaped like an Expanse GPU node (40 cores, 384 GB,
-4 fake GPUs, feature lustre; plus some room for CPU jobs), Expanse's partition names
+4 fake GPUs, feature lustre; plus some room for CPU jobs) and a second, small one for
+jobs over two nodes (partition multinode), Expanse's partition names
 (gpu-preempt included, with a higher-priority gpu-priority partition that may preempt it),
 accounting through slurmdbd that rejects unknown accounts, finished jobs forgotten by
 slurmctld after seconds (MinJobAge). A private instance (own state dir, own free ports)
@@ -1309,3 +1310,55 @@ def test_next_start_cleans_up_after_a_controller_that_could_not(cluster, run_lef
     log = (scenario.workdir / "logs" / "controller" / f"{controller}.log").read_text()
     assert "This was a dry-run" in log, report
     assert "rule verify_dataset:" in log, report
+
+
+# ---- f. one experiment's evaluation on two nodes ---------------------------------------------
+
+
+def _two_node_profile(folder: Path) -> Path:
+    """profiles/expanse with README's multi-node recipe for `evaluate`, shrunk to the test
+    cluster's second node: 2 nodes, one GPU and one process each, the rule in the batch
+    script (`mpi`) so that launch.py's srun can start a torchrun on each node."""
+    shutil.copytree(PROFILE, folder)
+    config_file = folder / "config.v8+.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    config["set-resources"]["evaluate"].update(
+        slurm_partition="'multinode'", nodes=2, gpu=2, mpi="'srun'", tasks=2,
+        cpus_per_task=1, mem_mb=2000,
+    )  # fmt: skip
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    return folder
+
+
+def test_evaluation_on_two_nodes_gives_the_one_process_results(cluster, run_stages, tmp_path):
+    """One Slurm job on two nodes: launch.py's srun starts a torchrun on each, they meet
+    (c10d) on the first node, and the two processes' metrics and predictions are those of
+    the one-GPU job of the same run."""
+    assert_run_ok(run_stages)
+    workdir = copy_workdir(run_stages.workdir, tmp_path / "work")
+    configs = run_stages.args[run_stages.args.index("--configfile") :]
+    evaluation = "results/baseline/eval/head"
+    run = Run(
+        name="two_nodes",
+        workdir=workdir,
+        args=[
+            "--profile", _two_node_profile(tmp_path / "profile"), *STATUS_CHECKS,
+            f"{evaluation}/metrics.tsv", "--forcerun", "evaluate",
+            "--rerun-triggers", "mtime", "input", *configs,
+        ],
+        env=cluster.env(SBATCH_ACCOUNT=cluster.account),
+        timeout=300,
+    ).start().wait()  # fmt: skip
+    assert_run_ok(run)
+    (job,) = run.job_ids
+    row = cluster.sacct([job])[job]
+    assert row["State"] == "COMPLETED", run_report(run)
+    assert row["Partition"] == "multinode" and tres(row)["node"] == "2", row
+    # The torchrun step: one task on each node, one GPU each.
+    (step,) = [s for s in cluster.steps(job) if s["JobID"] == f"{job}.0"]
+    assert "node=2" in step["AllocTRES"] and "gres/gpu=2" in step["AllocTRES"], step
+    log = (workdir / "logs" / "evaluate" / "baseline" / "head.log").read_text()
+    assert "2 processes (1 on this node), backend gloo" in log, log
+    for name in ("metrics", "predictions", "confusion"):
+        one = (run_stages.workdir / evaluation / f"{name}.tsv").read_text()
+        assert (workdir / evaluation / f"{name}.tsv").read_text() == one, name

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Start a throwaway, single-node Slurm cluster on loopback (127.0.0.1 only) for
-# the test suite and CI: munged -> MariaDB -> slurmdbd -> (sacctmgr setup) ->
-# slurmctld -> slurmd.  Must be run as root (all daemons run as root).
+# Start a throwaway Slurm cluster on loopback (127.0.0.1 only) for the test
+# suite and CI: munged -> MariaDB -> slurmdbd -> (sacctmgr setup) -> slurmctld
+# -> slurmd.  Must be run as root (all daemons run as root).  Its one real node
+# is shaped like an Expanse GPU node; a second, smaller one (its own slurmd on
+# this machine, `slurmd -N`) exists for multi-node job steps only: it is in no
+# partition but `multinode`.
 # Every daemon is addressed as 127.0.0.1; MariaDB always binds only there,
 # the Slurm daemons too whenever `hostname` resolves to loopback (see below).
 #
@@ -24,6 +27,7 @@
 #
 # Tunables (env):  TLWF_SLURMCTLD_PORT (6817)  TLWF_SLURMD_PORT (6818)
 #                  TLWF_SLURMDBD_PORT (6819)   TLWF_MYSQL_PORT (3307)
+#                  TLWF_SLURMD2_PORT (6820, the second node's slurmd)
 #                  TLWF_MUNGE_SOCKET ($STATE/munge/munge.socket.2)
 #                  TLWF_SLURM_CLUSTER (expanse-local)
 #                  TLWF_SLURM_ACCOUNT (testacct)
@@ -33,6 +37,7 @@ set -euo pipefail
 STATE=${1:-${TLWF_SLURM_DIR:-/tmp/tlwf-slurm}}
 CTLD_PORT=${TLWF_SLURMCTLD_PORT:-6817}
 SLURMD_PORT=${TLWF_SLURMD_PORT:-6818}
+SLURMD2_PORT=${TLWF_SLURMD2_PORT:-6820}
 DBD_PORT=${TLWF_SLURMDBD_PORT:-6819}
 MYSQL_PORT=${TLWF_MYSQL_PORT:-3307}
 CLUSTER=${TLWF_SLURM_CLUSTER:-expanse-local}
@@ -41,6 +46,7 @@ TIMEOUT=${TLWF_SLURM_TIMEOUT:-60}
 # The node must carry this host's short name: slurmd and slurmctld both
 # compare their configured names against `hostname -s`.
 NODE=$(hostname -s)
+NODE2=$NODE-2
 # Jobs are submitted by whoever runs the tests (root in CI).
 SUBMIT_USER=$(id -un)
 # Throwaway password for slurmdbd's MariaDB user; the server only listens on
@@ -73,10 +79,12 @@ export SLURM_CONF=$ETC/slurm.conf
 # against exited daemons that PID 1 has not reaped yet).
 pid_alive() {
     local f=$RUN/$1.pid pid stat
+    # slurmd-NODE.pid: one slurmd per node, each a process named slurmd.
+    local comm=${1%%-*}
     [[ -s $f ]] || return 1
     pid=$(tr -dc 0-9 <"$f")
     [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 1
-    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$1" ]] || return 1
+    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$comm" ]] || return 1
     stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
     stat=${stat##*) }          # field 3 (state) follows "(comm) "
     [[ ${stat%% *} != Z ]]
@@ -115,7 +123,7 @@ fail_with_log() {
 # --- state dir -------------------------------------------------------------
 
 if [[ ${TLWF_SLURM_FRESH:-0} == 1 && -d $STATE ]]; then
-    for d in slurmd slurmctld slurmdbd mariadbd munged; do
+    for d in slurmd-$NODE slurmd-$NODE2 slurmctld slurmdbd mariadbd munged; do
         pid_alive "$d" && die "TLWF_SLURM_FRESH=1 but $d is still running; run stop.sh first"
     done
     log "wiping $STATE"
@@ -127,10 +135,12 @@ fi
 pid_alive mariadbd  || require_free_port mariadbd  "$MYSQL_PORT"
 pid_alive slurmdbd  || require_free_port slurmdbd  "$DBD_PORT"
 pid_alive slurmctld || require_free_port slurmctld "$CTLD_PORT"
-pid_alive slurmd    || require_free_port slurmd    "$SLURMD_PORT"
+pid_alive slurmd-$NODE  || require_free_port slurmd "$SLURMD_PORT"
+pid_alive slurmd-$NODE2 || require_free_port slurmd "$SLURMD2_PORT"
 
 # munged refuses a socket dir that others can write to or cannot traverse.
-mkdir -p "$ETC" "$RUN" "$LOG" "$STATE/ctld" "$STATE/spool" "$DB_DIR" "$MUNGE_DIR"
+mkdir -p "$ETC" "$RUN" "$LOG" "$STATE/ctld" "$STATE/spool/$NODE" "$STATE/spool/$NODE2" \
+    "$DB_DIR" "$MUNGE_DIR"
 chmod 755 "$STATE"
 chmod 711 "$MUNGE_DIR"
 mkdir -p "$(dirname "$MUNGE_SOCK")"
@@ -178,11 +188,11 @@ CredType=cred/munge
 AuthInfo=socket=$MUNGE_SOCK
 
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/spool
+SlurmdSpoolDir=$STATE/spool/%n
 SlurmctldPidFile=$RUN/slurmctld.pid
-SlurmdPidFile=$RUN/slurmd.pid
+SlurmdPidFile=$RUN/slurmd-%n.pid
 SlurmctldLogFile=$LOG/slurmctld.log
-SlurmdLogFile=$LOG/slurmd.log
+SlurmdLogFile=$LOG/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 
@@ -250,6 +260,9 @@ Include $ETC/first_job_id.inc
 # the GPU stages; here they would wait for a core while four GPU jobs of 10 cores each
 # hold all 40.
 NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE Sockets=2 CoresPerSocket=28 ThreadsPerCore=1 RealMemory=448000 Gres=gpu:v100:4 Feature=lustre State=UNKNOWN
+# The second node: for tests of job steps over two nodes (srun, one torchrun per node).
+# Same machine, its own slurmd (slurmd -N $NODE2) on its own port.
+NodeName=$NODE2 NodeAddr=127.0.0.1 NodeHostname=$NODE Port=$SLURMD2_PORT Sockets=1 CoresPerSocket=4 ThreadsPerCore=1 RealMemory=16000 Gres=gpu:v100:4 Feature=lustre State=UNKNOWN
 
 # Expanse-like partitions, all on the one node.  compute/gpu are whole-node
 # (exclusive) on Expanse; the *-shared/*-debug ones share nodes.
@@ -271,6 +284,7 @@ PartitionName=gpu-debug    Nodes=$NODE MaxTime=00:30:00 DefaultTime=00:30:00 Pre
 PartitionName=gpu          Nodes=$NODE MaxTime=2-00:00:00 DefaultTime=01:00:00 OverSubscribe=EXCLUSIVE PreemptMode=OFF State=UP
 PartitionName=gpu-preempt  Nodes=$NODE MaxTime=7-00:00:00 DefaultTime=01:00:00 PriorityTier=1 PreemptMode=REQUEUE State=UP
 PartitionName=gpu-priority Nodes=$NODE MaxTime=00:30:00 DefaultTime=00:05:00 PriorityTier=2 PreemptMode=OFF State=UP
+PartitionName=multinode    Nodes=$NODE,$NODE2 MaxTime=00:30:00 DefaultTime=00:10:00 PreemptMode=OFF State=UP
 EOF
 
 [[ -s $ETC/first_job_id.inc ]] || echo "FirstJobId=1" >"$ETC/first_job_id.inc"
@@ -282,10 +296,11 @@ EOF
 # does not match File value").  There are no GPUs, so give each fake GPU its
 # own name: symlinks to /dev/null (slurmd stat()s them: a char device).
 mkdir -p "$STATE/dev"
-for i in 0 1 2 3; do ln -sfn /dev/null "$STATE/dev/nvidia$i"; done
+for i in 0 1 2 3 4 5 6 7; do ln -sfn /dev/null "$STATE/dev/nvidia$i"; done
 cat >"$ETC/gres.conf" <<EOF
 AutoDetect=off
 NodeName=$NODE Name=gpu Type=v100 File=$STATE/dev/nvidia[0-3]
+NodeName=$NODE2 Name=gpu Type=v100 File=$STATE/dev/nvidia[4-7]
 EOF
 
 # Keep the distro's /etc/slurm/plugstack.conf out of the way.
@@ -316,7 +331,7 @@ EOF
 chmod 600 "$ETC/slurmdbd.conf"
 
 if [[ $(cat "$ETC"/*.conf | md5sum) != "$OLD_CONF_SUM" ]]; then
-    for d in munged mariadbd slurmdbd slurmctld slurmd; do
+    for d in munged mariadbd slurmdbd slurmctld slurmd-$NODE slurmd-$NODE2; do
         if pid_alive "$d"; then
             log "warning: configs changed but $d is already running with the old ones;" \
                 "run stop.sh then start.sh to apply them"
@@ -439,19 +454,24 @@ wait_for "slurmctld pidfile" pid_alive slurmctld || fail_with_log "no slurmctld 
 
 # --- slurmd ----------------------------------------------------------------
 
-if ! pid_alive slurmd; then
-    log "starting slurmd"
-    slurmd -N "$NODE" </dev/null >>"$LOG/slurmd.out" 2>&1 \
-        || fail_with_log "slurmd failed to start" "$LOG/slurmd.log"
-fi
 # Ready = registered and responding, not drained/down.  %T appends '*' when
 # the node is not responding; on a live cluster jobs may be running.
-node_idle() { [[ $(sinfo -h -n "$NODE" -p shared -o %T) =~ ^(idle|mixed|allocated)$ ]]; }
-if ! wait_for "node $NODE idle" node_idle; then
-    scontrol show node "$NODE" >&2 || true
-    fail_with_log "node $NODE did not become idle" "$LOG/slurmd.log"
-fi
-wait_for "slurmd pidfile" pid_alive slurmd || fail_with_log "no slurmd pid" "$LOG/slurmd.log"
+node_idle() { [[ $(sinfo -h -n "$1" -p "$2" -o %T) =~ ^(idle|mixed|allocated)$ ]]; }
+for node in "$NODE" "$NODE2"; do
+    if ! pid_alive "slurmd-$node"; then
+        log "starting slurmd for node $node"
+        slurmd -N "$node" </dev/null >>"$LOG/slurmd-$node.out" 2>&1 \
+            || fail_with_log "slurmd failed to start" "$LOG/slurmd-$node.log"
+    fi
+done
+for node in "$NODE" "$NODE2"; do
+    if ! wait_for "node $node idle" node_idle "$node" multinode; then
+        scontrol show node "$node" >&2 || true
+        fail_with_log "node $node did not become idle" "$LOG/slurmd-$node.log"
+    fi
+    wait_for "slurmd pidfile" pid_alive "slurmd-$node" \
+        || fail_with_log "no slurmd pid" "$LOG/slurmd-$node.log"
+done
 
 # Jobs of an unclean stop that the accounting DB still lists as pending or
 # running, but slurmctld no longer knows (see above): close them, or sacct

@@ -37,10 +37,12 @@ running() {
 # and really is NAME (a stale pidfile may point at a reused PID).
 recorded_pid() {
     local f=$RUN/$1.pid pid
+    # slurmd-NODE.pid: one slurmd per node, each a process named slurmd.
+    local comm=${1%%-*}
     [[ -s $f ]] || return 1
     pid=$(tr -dc 0-9 <"$f")
     [[ -n $pid ]] && running "$pid" || return 1
-    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$1" ]] || return 1
+    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$comm" ]] || return 1
     echo "$pid"
 }
 
@@ -69,8 +71,13 @@ terminate() {
 
 # 1. Cancel whatever is still queued/running so job steps end cleanly while
 #    slurmctld and slurmd are still there to handle it.
+# Every slurmd this cluster recorded (one per node).
+slurmds=()
+for f in "$RUN"/slurmd-*.pid; do
+    [[ -e $f ]] && f=${f##*/} && slurmds+=("${f%.pid}")
+done
 if [[ -f $STATE/etc/slurm.conf ]] && recorded_pid slurmctld >/dev/null \
-        && recorded_pid slurmd >/dev/null; then
+        && ((${#slurmds[@]})) && recorded_pid "${slurmds[0]}" >/dev/null; then
     export SLURM_CONF=$STATE/etc/slurm.conf
     jobs=$(timeout 10 squeue -h -o %A 2>/dev/null || true)
     if [[ -n $jobs ]]; then
@@ -87,7 +94,7 @@ fi
 
 # 2. Daemons, in reverse start order; ones that don't depend on each other
 #    go down together (each takes a second or two to exit).
-terminate slurmd slurmctld
+terminate "${slurmds[@]}" slurmctld
 terminate slurmdbd           # after slurmctld: it flushes accounting to slurmdbd
 terminate mariadbd munged    # after slurmdbd
 
