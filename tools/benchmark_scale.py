@@ -96,8 +96,8 @@ def measure(
       workers; exact, but it includes this process's resident memory at the fork, which
       is why this process never imports PyTorch);
     - all its processes together (proportional set sizes summed, sampled 5 times a
-      second; 0 unless `total`): what a Slurm job's memory limit sees of a program with
-      worker processes.
+      second from its start; 0 unless `total`): what a Slurm job's memory limit sees of a
+      program with worker processes.
     """
     output = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115
     started = time.perf_counter()
@@ -132,14 +132,17 @@ def _sample_total(pid: int, done: threading.Event, peak: list[float]) -> None:
         root = psutil.Process(pid)
     except psutil.Error:
         return
-    while not done.wait(0.2):
+    # From the start: a toy-sized run can end before a first sample 0.2 s in.
+    while True:
         total = 0
         try:
             for process in [root, *root.children(recursive=True)]:
                 total += process.memory_full_info().pss
+            peak[0] = max(peak[0], total)
         except psutil.Error:
-            continue  # a process ended while being read: try again
-        peak[0] = max(peak[0], total)
+            pass  # a process ended while being read: the next sample counts
+        if done.wait(0.2):
+            return
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -480,7 +483,9 @@ def table(args, timings: dict, memory: dict) -> str:
             f"verify_dataset peak memory, all processes, {n:,} / {small:,} images",
             f"{total['verify large']:.0f} MiB",
             f"{total['verify small']:.0f} MiB",
-            f"{total['verify large'] / total['verify small']:.2f}x",
+            f"{total['verify large'] / total['verify small']:.2f}x"
+            if total["verify small"]
+            else "",
             "bounded",
         )
     if "extract large" in total:
