@@ -14,8 +14,41 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
+from operator import itemgetter
 
+# Finder and AppleDouble litter (`.DS_Store`, `._photo.jpg`) from copies made on a Mac,
+# and every other name starting with "." : never images.
 HIDDEN_PREFIX = "."
+
+
+def list_folder(path: str, stat: bool = False) -> tuple[list[str], list, list[str]]:
+    """One os.scandir pass over a folder: (visible folder names, visible other entries,
+    hidden names), each sorted by name.
+
+    Folders and files behind symbolic links count as what they point to. Other entries are
+    names or, with `stat`, (name, size, mtime_ns) of the link target, (name, -1, -1) where
+    stat fails (a dangling link). Raises OSError when the folder cannot be listed.
+    """
+    folders, others, hidden = [], [], []
+    with os.scandir(path) as entries:
+        for entry in entries:
+            name = entry.name
+            if name.startswith(HIDDEN_PREFIX):
+                hidden.append(name)
+            elif entry.is_dir():  # follows symbolic links
+                folders.append(name)
+            elif not stat:
+                others.append(name)
+            else:
+                try:
+                    info = entry.stat()  # follows symbolic links
+                    others.append((name, info.st_size, info.st_mtime_ns))
+                except OSError:
+                    others.append((name, -1, -1))
+    folders.sort()
+    others.sort(key=itemgetter(0) if stat else None)
+    hidden.sort()
+    return folders, others, hidden
 
 
 @dataclass
@@ -31,7 +64,7 @@ class ImageFolder:
 
 
 def walk_images(root: str | os.PathLike) -> ImageFolder:
-    """Every visible file under `root`, in one os.scandir pass per folder, sorted by path."""
+    """Every visible file under `root` (`list_folder` of each folder), sorted by path."""
     root = os.fspath(root)
     found = ImageFolder(root)
     entries: list[tuple[str, int, int]] = []
@@ -44,21 +77,12 @@ def walk_images(root: str | os.PathLike) -> ImageFolder:
             continue
         seen_folders.add(real)
         try:
-            with os.scandir(folder) as listing:
-                for entry in listing:
-                    if entry.name.startswith(HIDDEN_PREFIX):
-                        continue
-                    path = relative + entry.name
-                    if entry.is_dir():  # follows symbolic links
-                        pending.append((path + "/", entry.path))
-                        continue
-                    try:
-                        info = entry.stat()  # follows symbolic links
-                        entries.append((path, info.st_size, info.st_mtime_ns))
-                    except OSError:
-                        entries.append((path, -1, -1))
+            folders, files, _ = list_folder(folder, stat=True)
         except OSError as error:
             found.problems.append(f"{relative or '.'}: cannot list this folder ({error.strerror})")
+            continue
+        pending += [(f"{relative}{name}/", os.path.join(folder, name)) for name in folders]
+        entries += [(relative + name, size, mtime) for name, size, mtime in files]
     entries.sort()
     found.paths = [path for path, _, _ in entries]
     found.sizes = [size for _, size, _ in entries]

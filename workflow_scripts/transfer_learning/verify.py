@@ -30,18 +30,14 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from operator import itemgetter
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
 from .hashing import sha256_file
+from .image_files import list_folder
 from .images import to_rgb
-
-# Finder and AppleDouble litter from copies made on a Mac; never images. Any name starting
-# with "." is hidden ("._" is listed for the reader; "." already covers it).
-HIDDEN_PREFIXES = (".", "._")
 
 MANIFEST_COLUMNS = [
     "split",
@@ -146,35 +142,15 @@ class DataTree:
 
 
 def _scan(path: str, relative: str, tree: DataTree, stat: bool = False):
-    """One os.scandir pass over a folder: (visible folder names, visible other entries).
-
-    Other entries are names, or with `stat` (name, size, mtime_ns) following links, -1 for
-    a dangling link. Both lists are sorted by name. Hidden names go to `tree.hidden`; a
-    folder that cannot be listed is a problem and gives None.
+    """`list_folder` of a folder: (visible folder names, visible other entries). Hidden
+    names go to `tree.hidden`; a folder that cannot be listed is a problem and gives None.
     """
-    folders, others, hidden = [], [], []
     try:
-        with os.scandir(path) as entries:
-            for entry in entries:
-                name = entry.name
-                if name.startswith(HIDDEN_PREFIXES):
-                    hidden.append(relative + name)
-                elif entry.is_dir():  # follows symbolic links
-                    folders.append(name)
-                elif not stat:
-                    others.append(name)
-                else:
-                    try:
-                        info = entry.stat()  # follows symbolic links
-                        others.append((name, info.st_size, info.st_mtime_ns))
-                    except OSError:
-                        others.append((name, -1, -1))
+        folders, others, hidden = list_folder(path, stat)
     except OSError as error:
         tree.problems.append(f"{relative}: cannot list this folder ({error.strerror})")
         return None
-    tree.hidden += sorted(hidden)
-    folders.sort()
-    others.sort(key=itemgetter(0) if stat else None)
+    tree.hidden += [relative + name for name in hidden]
     return folders, others
 
 
