@@ -139,10 +139,16 @@ def calibrate_batchnorm(model: nn.Module, batches) -> None:
 
 
 @torch.no_grad()
-def feature_dim(backbone: nn.Module, image_size: int = 224) -> int:
+def feature_dim(backbone: nn.Module, image_size: int = 224, device=None) -> int:
+    """The backbone's feature width, from one blank image through it in eval mode.
+
+    Not from the last layer's shape: what a backbone returns (pooled, flattened, with or
+    without a projection) is its own business. One 224 x 224 image costs milliseconds.
+    """
     was_training = backbone.training
     backbone.eval()
-    out = backbone(torch.zeros(1, 3, image_size, image_size))
+    with torch.inference_mode():
+        out = backbone(torch.zeros(1, 3, image_size, image_size, device=device))
     backbone.train(was_training)
     return int(out.flatten(1).shape[1])
 

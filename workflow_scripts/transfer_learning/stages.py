@@ -122,7 +122,12 @@ def extract_features(
     )
     started = time.perf_counter()
     feats, labels = _backbone_features(
-        model, usage.measure(loader, "extract"), dev, len(shard), feature_dim(model, settings, dev)
+        model,
+        usage.measure(loader, "extract"),
+        dev,
+        len(shard),
+        # Known before the first batch, and to a process whose shard holds no image.
+        models.feature_dim(model, settings.image_size, dev),
     )
     if processes.many:
         feats = distributed.gather_in_order(feats, processes, to_all=False)
@@ -166,13 +171,6 @@ def extract_features(
         usage.write(usage_out)
     processes.barrier()
     return result
-
-
-def feature_dim(model, settings: FeatureSettings, device) -> int:
-    """The backbone's feature width, from one blank image (a shard may hold no image)."""
-    with torch.inference_mode():
-        blank = torch.zeros(1, 3, settings.image_size, settings.image_size, device=device)
-        return int(model(blank.contiguous(memory_format=torch.channels_last)).flatten(1).shape[1])
 
 
 @torch.inference_mode()
