@@ -3,6 +3,8 @@ without loader workers, an order set by seed and epoch alone, no training batch 
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from helpers import MEAN, STD
@@ -93,3 +95,32 @@ def test_augmentation_follows_the_config():
     for seed in range(20):
         torch.manual_seed(seed)
         assert no_flip(picture)[:, :, :8].mean() > 0.9
+
+
+def test_packed_strings_give_back_every_string():
+    names = ["train/cats/a.jpg", "", "val/dogs/ü ñ 猫.png", "x/\udcff-not-utf8.jpg", "z" * 500]
+    packed = data.PackedStrings(names)
+    assert len(packed) == 5 and list(packed) == names
+    assert packed[-1] == names[-1] and packed[1:3] == names[1:3]
+    with pytest.raises(IndexError):
+        packed[5]
+
+
+class _WorkerGc(torch.utils.data.Dataset):
+    """What a loader worker's garbage collector holds frozen."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        return torch.tensor(gc.get_freeze_count())
+
+
+def test_loader_workers_leave_the_main_process_objects_alone():
+    """The main process's objects, frozen in each worker: its garbage collector never
+    writes into them, so their pages stay shared with the main process (no copy of the
+    manifest's records per worker)."""
+    assert gc.get_freeze_count() == 0  # the main process collects as usual
+    batches = list(data.make_loader(_WorkerGc(), 1, workers=2))
+    assert all(int(batch) > 1000 for batch in batches), batches
+    assert gc.get_freeze_count() == 0

@@ -35,7 +35,7 @@ class FolderImages(Dataset):
 
     def __init__(self, root: str | os.PathLike, paths: Sequence[str], transform):
         self.root = Path(root)
-        self.paths = list(paths)
+        self.paths = data.PackedStrings(paths)  # nothing for a forked loader worker to copy
         self.transform = transform
 
     def __len__(self) -> int:
@@ -103,6 +103,7 @@ def predict_folder(
         num_workers=workers,
         collate_fn=readable_only,
         pin_memory=dev.type == "cuda",
+        worker_init_fn=data.start_worker if workers > 0 else None,
     )
     usage = UsageLog(f"predict {state.stage}", dev)
     # A batch whose every file was unreadable never reaches the model (not every model
