@@ -242,10 +242,11 @@ MailProg=/bin/true
 # workflow sees when it looks at a job that ended longer ago than the site keeps it
 # listed (Slurm's default is 300 s; slurmctld purges about once a minute past that).
 MinJobAge=2
-# Slurm's default: a job gets SIGTERM and 30 s before SIGKILL. A cancelled Snakemake
-# controller cancels its stage jobs and releases its lock in that time; on a loaded
-# 2-core test machine 5 s were not always enough.
-KillWait=30
+# A job gets SIGTERM and 60 s before SIGKILL (Slurm's default: 30 s). A cancelled
+# Snakemake controller cancels its stage jobs and releases its lock in that time: about
+# 5 s on a quiet 2-core test machine, but more than 30 s once when other work loaded it.
+# Jobs that end at the SIGTERM (all of ours) are not slowed down by a longer wait.
+KillWait=60
 InactiveLimit=0
 Waittime=0
 SlurmctldTimeout=30
